@@ -1,0 +1,91 @@
+"""Tiny presets written as ordinary checkpoint directories, so every loader path is the real one.
+
+Used by the tests and by the embedded demo: a small CLIP vision tower that keeps the real 16x16
+patch grid (image 32 px, patch 2 px), a sentencepiece LLaMA tokenizer trained on local text,
+and a small LLaMA-shaped language model. Nothing is downloaded; weights come from fixed seeds.
+"""
+
+import os
+import tempfile
+
+import torch
+from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModel
+
+
+def build_tiny_clip(output_dir, hidden_size=32, num_layers=2, num_heads=2, image_size=32, seed=0):
+    """Write a randomly initialised CLIP vision tower (16x16 patches) and its processor."""
+    patch = image_size // 16
+    config = CLIPVisionConfig(
+        hidden_size=hidden_size, intermediate_size=hidden_size * 2, num_hidden_layers=num_layers,
+        num_attention_heads=num_heads, image_size=image_size, patch_size=patch, projection_dim=hidden_size)
+    torch.manual_seed(seed)
+    model = CLIPVisionModel(config)
+    model.save_pretrained(output_dir)
+    processor = CLIPImageProcessor(
+        size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size})
+    processor.save_pretrained(output_dir)
+    return output_dir
+
+
+def train_tokenizer(texts, output_dir, vocab_size=400):
+    """Train a BPE sentencepiece model on `texts` and save it as a LLaMA tokenizer directory."""
+    import sentencepiece as spm
+    from transformers import LlamaTokenizer
+
+    os.makedirs(output_dir, exist_ok=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        corpus = os.path.join(tmp, "corpus.txt")
+        with open(corpus, "w") as f:
+            f.write("\n".join(texts))
+        prefix = os.path.join(tmp, "tokenizer")
+        spm.SentencePieceTrainer.train(
+            input=corpus, model_prefix=prefix, vocab_size=vocab_size, model_type="bpe",
+            character_coverage=1.0, unk_id=0, bos_id=1, eos_id=2, pad_id=-1, hard_vocab_limit=False,
+            minloglevel=2)
+        staging = os.path.join(tmp, "tok")
+        os.makedirs(staging)
+        os.replace(prefix + ".model", os.path.join(staging, "tokenizer.model"))
+        # transformers 5: LlamaTokenizer(vocab_file=...) builds an empty tokenizer; from a folder it works.
+        tokenizer = LlamaTokenizer.from_pretrained(staging)
+    tokenizer.pad_token = tokenizer.unk_token
+    tokenizer.padding_side = "right"
+    tokenizer.save_pretrained(output_dir)
+    return output_dir
+
+
+def tiny_vstream_config(vocab_size, clip_dir, hidden_size=64, num_layers=2, num_heads=4, clip_hidden=32,
+                        **memory_kwargs):
+    """A small LLaMA-shaped `VStreamConfig` reading a tiny CLIP tower of width `clip_hidden`."""
+    from ..model import VStreamConfig
+
+    return VStreamConfig(
+        vocab_size=vocab_size, hidden_size=hidden_size, intermediate_size=hidden_size * 2,
+        num_hidden_layers=num_layers, num_attention_heads=num_heads, num_key_value_heads=num_heads,
+        max_position_embeddings=2048, mm_vision_tower=clip_dir, mm_hidden_size=clip_hidden,
+        bos_token_id=1, eos_token_id=2, pad_token_id=0, tie_word_embeddings=False, **memory_kwargs)
+
+
+def build_tiny_vstream(output_dir, tokenizer_dir, clip_dir, seed=0, **config_kwargs):
+    """Write a randomly initialised tiny Flash-VStream checkpoint (config, safetensors, tokenizer)."""
+    from transformers import AutoTokenizer
+
+    from ..model import VStreamLlamaForCausalLM
+
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    clip_hidden = CLIPVisionConfig.from_pretrained(clip_dir).hidden_size
+    config = tiny_vstream_config(len(tokenizer), clip_dir, clip_hidden=clip_hidden, **config_kwargs)
+    torch.manual_seed(seed)
+    model = VStreamLlamaForCausalLM(config)
+    model.save_pretrained(output_dir)
+    tokenizer.save_pretrained(output_dir)
+    return output_dir
+
+
+TINY_CORPUS = [
+    "A chat between a curious user and an artificial intelligence assistant.",
+    "The assistant gives helpful, detailed, and polite answers to the user's questions.",
+    "USER: what colour is the background now? ASSISTANT: red",
+    "what was shown at the start of the stream? blue green yellow purple orange white",
+    "which came first, the circle or the square? the triangle lasted longest. yes no",
+    "describe the video. a red circle moves left over a blue background.",
+]

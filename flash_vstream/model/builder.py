@@ -1,0 +1,139 @@
+"""`load_pretrained_model`: one loader for every checkpoint this project meets.
+
+- a directory written by this project (`config.json` with model_type "vstream", safetensors);
+- the released `IVGSZ/Flash-VStream-7b` layout (legacy config keys, `pytorch_model-*.bin` shards
+  with an index; `.bin` is read by transformers with `torch.load(weights_only=True)`);
+- a stage-1 output (`mm_projector.bin` + config) on top of `model_base` (the LLM);
+- a LoRA output (`adapter_config.json`) on top of `model_base`, merged on load.
+
+Dispatch is on the config's `model_type` and on the files present, never on the folder name.
+"""
+
+import json
+import os
+import warnings
+
+import torch
+from transformers import AutoTokenizer, LlamaForCausalLM
+
+from .language_model.configuration_vstream import VStreamConfig
+from .language_model.vstream_llama import VStreamLlamaForCausalLM
+
+ADAPTER_FILE = "mm_projector.bin"
+ADAPTER_PREFIXES = ("model.mm_projector.", "model.attention_model.")
+
+
+def _model_type(path):
+    config_file = os.path.join(path, "config.json")
+    if not os.path.isfile(config_file):
+        raise FileNotFoundError(f"{path}: no config.json (expected a model directory)")
+    with open(config_file) as f:
+        return json.load(f).get("model_type")
+
+
+def load_adapter_weights(model, adapter_path):
+    """Load a stage-1 `mm_projector.bin` (projector + Semantic Attention) into `model`."""
+    state = torch.load(adapter_path, map_location="cpu", weights_only=True)
+    unknown = [k for k in state if not k.startswith(ADAPTER_PREFIXES)]
+    if unknown:
+        raise ValueError(f"{adapter_path}: unexpected keys {unknown[:4]}")
+    own = {k: v for k, v in model.state_dict().items() if k.startswith(ADAPTER_PREFIXES)}
+    missing = sorted(set(own) - set(state))
+    if any(k.startswith("model.mm_projector.") for k in missing):
+        raise ValueError(f"{adapter_path}: missing projector keys {missing}")
+    if missing:
+        # Adapters written by the published code hold only the projector (its stage-1 save dropped
+        # the Semantic Attention); that module then keeps its initial weights.
+        warnings.warn(f"{adapter_path}: no weights for {missing}; keeping their initial values")
+    model.load_state_dict(state, strict=False)
+    return model
+
+
+def _dtype_for(device, load_8bit, load_4bit, torch_dtype):
+    if torch_dtype is not None:
+        return torch_dtype
+    if str(device).startswith("cpu"):
+        return torch.float32
+    return torch.float16
+
+
+def load_pretrained_model(model_path, model_base=None, model_name=None, load_8bit=False, load_4bit=False,
+                          device_map="auto", device="cuda", torch_dtype=None, attn_implementation=None):
+    """Returns `(tokenizer, model, image_processor, context_len)`.
+
+    `model_name` is accepted for compatibility with LLaVA-style callers and not used to choose
+    the architecture. `device="cpu"` loads in fp32 on the CPU.
+    """
+    if load_8bit and load_4bit:
+        raise ValueError("choose one of load_8bit / load_4bit")
+    dtype = _dtype_for(device, load_8bit, load_4bit, torch_dtype)
+    kwargs = {"dtype": dtype}
+    if attn_implementation is None:
+        attn_implementation = "sdpa"
+    kwargs["attn_implementation"] = attn_implementation
+    if str(device).startswith("cpu"):
+        device_map = None
+    elif device_map == "auto" and device != "cuda":
+        device_map = {"": device}
+    if device_map is not None:
+        kwargs["device_map"] = device_map
+    if load_8bit or load_4bit:
+        from transformers import BitsAndBytesConfig
+
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_8bit=load_8bit, load_in_4bit=load_4bit, bnb_4bit_compute_dtype=dtype,
+            bnb_4bit_use_double_quant=True, bnb_4bit_quant_type="nf4")
+
+    is_adapter = os.path.isfile(os.path.join(model_path, ADAPTER_FILE)) and not any(
+        f.endswith((".safetensors", ".bin")) and f != ADAPTER_FILE and not f.startswith("training_args")
+        for f in os.listdir(model_path))
+    is_lora = os.path.isfile(os.path.join(model_path, "adapter_config.json"))
+    if (is_adapter or is_lora) and model_base is None:
+        raise ValueError(f"{model_path} holds only adapter weights; pass model_base (the LLM it was trained on)")
+
+    if is_lora:
+        from peft import PeftModel
+
+        config = VStreamConfig.from_pretrained(model_path)
+        tokenizer = AutoTokenizer.from_pretrained(model_base)
+        model = VStreamLlamaForCausalLM.from_pretrained(model_base, config=config, **kwargs)
+        extra = os.path.join(model_path, "non_lora_trainables.bin")
+        if os.path.isfile(extra):
+            state = torch.load(extra, map_location="cpu", weights_only=True)
+            state = {k.removeprefix("base_model.model."): v for k, v in state.items()}
+            model.load_state_dict(state, strict=False)
+        model = PeftModel.from_pretrained(model, model_path).merge_and_unload()
+    elif is_adapter:
+        config = VStreamConfig.from_pretrained(model_path)
+        tokenizer = AutoTokenizer.from_pretrained(model_base)
+        model = VStreamLlamaForCausalLM.from_pretrained(model_base, config=config, **kwargs)
+        load_adapter_weights(model, os.path.join(model_path, ADAPTER_FILE))
+    elif _model_type(model_path) == VStreamConfig.model_type:
+        tokenizer = AutoTokenizer.from_pretrained(model_base or model_path)
+        model = VStreamLlamaForCausalLM.from_pretrained(model_path, **kwargs)
+    else:
+        # A plain language model: text only.
+        tokenizer = AutoTokenizer.from_pretrained(model_base or model_path)
+        model = LlamaForCausalLM.from_pretrained(model_path, **kwargs)
+
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.unk_token
+    tokenizer.padding_side = "right"
+    if device_map is None and not (load_8bit or load_4bit):
+        model.to(device)
+
+    image_processor = None
+    if isinstance(model, VStreamLlamaForCausalLM):
+        model.generation_config.pad_token_id = tokenizer.pad_token_id
+        tower = model.get_vision_tower()
+        try:
+            tower = model.get_model().load_vision_tower(device=model.device, dtype=dtype)
+            image_processor = tower.image_processor
+        except FileNotFoundError as error:
+            # Features-only use (evaluation on pre-extracted .safetensors) still works.
+            warnings.warn(f"vision tower not loaded ({error}); only pre-extracted features can be used")
+        del tower
+    model.eval()
+    context_len = getattr(model.config, "tokenizer_model_max_length", None) or getattr(
+        model.config, "max_sequence_length", 2048)
+    return tokenizer, model, image_processor, context_len
