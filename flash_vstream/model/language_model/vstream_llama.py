@@ -41,8 +41,10 @@ class VStreamLlamaForCausalLM(VStreamMetaForCausalLM, LlamaPreTrainedModel, Gene
         `features` (list of (T, 256, D)), `images` (list of (T, 3, H, W)) or `memory` (list of
         (N, D) memory tokens) supply what those positions become. Cache arguments pass through.
         """
-        if input_ids is not None and inputs_embeds is None and (input_ids == IMAGE_TOKEN_INDEX).any() \
-                or any(x is not None for x in (features, images, memory)):
+        media_given = any(x is not None for x in (features, images, memory))
+        # Decode steps (one new token, no media) skip the splice and its host sync.
+        if inputs_embeds is None and (media_given or self.training or input_ids.shape[1] > 1
+                                      and bool((input_ids == IMAGE_TOKEN_INDEX).any())):
             tokens = self.memory_tokens(features=features, images=images, memory=memory)
             inputs_embeds = self.embed_with_memory(input_ids, tokens)
             input_ids = None

@@ -1,0 +1,1 @@
+"""The embedded demo: synthetic long streams whose right answers are known exactly."""

@@ -1,0 +1,93 @@
+"""`VStreamTrainer`: HF `Trainer` plus a modality-grouped length sampler and the stage-1 adapter save."""
+
+import os
+
+import torch
+from torch.utils.data import Sampler
+from transformers import Trainer
+
+ADAPTER_PREFIXES = ("model.mm_projector.", "model.attention_model.")
+ADAPTER_FILE = "mm_projector.bin"
+
+
+def _gathered(params):
+    """Full copies of (possibly ZeRO-3 partitioned) parameters on the CPU."""
+    try:
+        from deepspeed import zero
+        from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
+    except ImportError:
+        return {k: p.detach().cpu().clone() for k, p in params}
+    out = {}
+    for name, p in params:
+        if hasattr(p, "ds_id"):
+            if p.ds_status == ZeroParamStatus.NOT_AVAILABLE:
+                with zero.GatheredParameters([p]):
+                    out[name] = p.data.detach().cpu().clone()
+                continue
+        out[name] = p.detach().cpu().clone()
+    return out
+
+
+def adapter_state_dict(model):
+    """Projector and Semantic Attention weights: what stage 1 trains and stage 2 starts from.
+
+    The published stage-1 save kept only keys containing `mm_projector`, dropping the trained
+    Semantic Attention; both are kept here.
+    """
+    named = [(k.removeprefix("base_model.model."), p) for k, p in model.named_parameters()]
+    return _gathered([(k, p) for k, p in named if k.startswith(ADAPTER_PREFIXES)])
+
+
+def save_adapter(model, output_dir, is_main):
+    state = adapter_state_dict(model)
+    if is_main:
+        os.makedirs(output_dir, exist_ok=True)
+        torch.save(state, os.path.join(output_dir, ADAPTER_FILE))
+
+
+class ModalityLengthGroupedSampler(Sampler):
+    """Shuffled megabatches of one modality (multimodal or text-only), longest first inside each.
+
+    Lengths are negative for text-only samples (LLaVA's convention). Batches never mix the two
+    modalities, and lengths inside a megabatch are similar, which keeps padding low.
+    """
+
+    def __init__(self, lengths, batch_size, world_size, seed=0):
+        self.lengths = lengths
+        self.megabatch = batch_size * world_size
+        self.seed = seed
+        self.epoch = 0
+
+    def __len__(self):
+        return len(self.lengths)
+
+    def set_epoch(self, epoch):
+        self.epoch = epoch
+
+    def __iter__(self):
+        generator = torch.Generator().manual_seed(self.seed + self.epoch)
+        groups = []
+        for keep in (lambda n: n > 0, lambda n: n <= 0):
+            index = [i for i in torch.randperm(len(self.lengths), generator=generator).tolist()
+                     if keep(self.lengths[i])]
+            for start in range(0, len(index), self.megabatch):
+                chunk = index[start:start + self.megabatch]
+                groups.append(sorted(chunk, key=lambda i: -abs(self.lengths[i])))
+        order = torch.randperm(len(groups), generator=generator).tolist()
+        return iter([i for g in order for i in groups[g]])
+
+
+class VStreamTrainer(Trainer):
+    def _get_train_sampler(self, *args, **kwargs):
+        if self.train_dataset is None or not self.args.group_by_modality_length:
+            return super()._get_train_sampler(*args, **kwargs)
+        return ModalityLengthGroupedSampler(
+            self.train_dataset.modality_lengths, self.args.train_batch_size,
+            self.args.world_size, seed=self.args.seed)
+
+    def _save_checkpoint(self, model, trial, *args, **kwargs):
+        # Full Trainer checkpoints keep resume exact; stage 1 also drops its adapter beside them.
+        super()._save_checkpoint(model, trial, *args, **kwargs)
+        if self.args.tune_mm_mlp_adapter:
+            folder = os.path.join(self.args.output_dir, f"checkpoint-{self.state.global_step}")
+            save_adapter(self.model, folder, self.args.should_save)
