@@ -96,6 +96,7 @@ def generation_settings(args):
         "fps": args.fps if args.raw_video else None,
         "quantization": "8bit" if args.load_8bit else "4bit" if args.load_4bit else None,
         "options": "loglik-mean",  # how items with `options` are answered
+        "last_frames": args.last_frames,
     }
 
 
@@ -245,15 +246,22 @@ class InputLoader:
     of test_qa.json) read it once. The cache is keyed by the resolved file, never by position.
     """
 
-    def __init__(self, model, video_dir, image_processor=None, raw_video=False, fps=1.0, encode_batch=32):
+    def __init__(self, model, video_dir, image_processor=None, raw_video=False, fps=1.0, encode_batch=32,
+                 last_frames=None):
         if raw_video and image_processor is None:
             raise RuntimeError("--raw-video needs the vision tower (mm_vision_tower could not be loaded)")
         self.model, self.video_dir = model, video_dir
         self.image_processor, self.raw_video, self.fps = image_processor, raw_video, fps
         self.encode_batch = encode_batch
+        self.last_frames = last_frames
         self._cache_key, self._cache = None, None
 
     def __call__(self, item):
+        features = self._load(item)  # (T, 256, D), cut at the question time
+        # the memory ablation: keep only the newest frames (1 = only what is on screen now)
+        return features if self.last_frames is None else features[-self.last_frames:]
+
+    def _load(self, item):
         end = item.get("time")
         if self.raw_video:
             path = find_video(self.video_dir, item)
@@ -433,6 +441,8 @@ def build_parser():
     p.add_argument("--chunk-idx", type=int, default=0)
     p.add_argument("--resume-from", nargs="*", default=[],
                    help="other prediction files whose answers of this run identity count as done")
+    p.add_argument("--last-frames", type=int, default=None,
+                   help="ablation: build the memory from only the newest K frames before each question")
     p.add_argument("--limit", type=int, default=None, help="answer at most this many items, then stop")
     p.add_argument("--device", default=None, help="cpu | cuda | cuda:N (default: cuda when available)")
     p.add_argument("--dtype", choices=("fp16", "bf16", "fp32"), default=None,
@@ -491,7 +501,8 @@ def run(args, log=_log):
 
         torch.manual_seed(0)
         tokenizer, model, image_processor = load_model(args)
-        load_input = InputLoader(model, args.video_dir, image_processor, args.raw_video, args.fps)
+        load_input = InputLoader(model, args.video_dir, image_processor, args.raw_video, args.fps,
+                                 last_frames=args.last_frames)
         summary["errors"] = answer_items(pending, model, tokenizer, load_input, args.output_file, identity, args)
         summary["answered"] = len(pending) - summary["errors"]
     return summary

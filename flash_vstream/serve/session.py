@@ -1,0 +1,369 @@
+"""The synchronous core of the realtime engine: one stream's memory and the questions asked about it.
+
+`StreamSession` ingests frames (or precomputed CLIP features) one at a time into a `STARMemory` --
+the same `update` offline evaluation calls, with chunks of one frame -- and after each call
+publishes an immutable `MemorySnapshot`: the memory tokens (a fresh tensor from `STARMemory.read()`),
+the number of frames they were built from, the stream time and the memory's timestamps. Questions
+are answered from a snapshot with `model.generate(..., memory=[snapshot.tokens])`; the reader never
+touches the frame buffer. `QuestionSchedule` says which scripted questions are due as frames arrive.
+
+Nothing here sleeps, starts threads or lets a clock decide anything (clocks only measure): the same
+frames and questions give the same snapshots and, at temperature 0 (greedy), the same answers.
+The process shell (`cli_video_stream.py`) calls the ingest side and the answer side from two
+threads; the only state they share is the published snapshot, swapped under a lock.
+"""
+
+import bisect
+import dataclasses
+import threading
+import time
+
+import torch
+from transformers import StoppingCriteria, StoppingCriteriaList
+from transformers.generation.streamers import BaseStreamer
+
+from ..constants import DEFAULT_IMAGE_TOKEN
+from ..conversation import conv_templates
+from ..mm_utils import KeywordsStoppingCriteria, process_images, tokenizer_image_token
+from ..model.memory import STARMemory
+
+TIME_EPS = 1e-6  # seconds: a question at t and a frame at t are simultaneous (the frame counts)
+CONVERSATION_MODES = ("fresh", "continue")
+
+
+@dataclasses.dataclass(frozen=True)
+class MemorySnapshot:
+    """What a question is answered from: the memory after `frames_seen` frames. Never mutated."""
+
+    tokens: torch.Tensor  # (N <= 681, D) memory tokens in readout order, on the model's device
+    frames_seen: int
+    stream_time: float  # seconds: timestamp of the newest frame in the memory
+    timestamps: dict  # {"temporal": [...], "retrieved": [...], "spatial": [...]} seconds, readout order
+    temporal_weights: list  # frames each temporal centroid stands for
+    temporal_spans: list  # (first, last) seconds of the frames each temporal centroid stands for
+
+    @property
+    def num_tokens(self):
+        return int(self.tokens.shape[0])
+
+    def plot_record(self, time, question):
+        """One entry for `memory_plot.plot_memory_timeline`."""
+        return {"time": float(time), "question": question, "frames_seen": self.frames_seen,
+                "stream_time": self.stream_time, "timestamps": self.timestamps,
+                "weights": self.temporal_weights, "spans": [list(s) for s in self.temporal_spans]}
+
+
+@dataclasses.dataclass(frozen=True)
+class Answer:
+    question: str
+    text: str
+    frames_seen: int
+    stream_time: float
+    memory_tokens: int
+    new_tokens: int
+    ttft_s: float | None  # ask() -> first generated token (None: nothing was generated)
+    answer_s: float  # ask() -> last generated token
+
+    def record(self, time=None, wait_s=0.0, extra=None):
+        """The scripted-mode answer line. `wait_s`: how long the question waited (due -> ask())
+        behind earlier answers; `latency_s` and `ttft_s` count from when it was due."""
+        out = dict(extra or {})
+        out.update({
+            "time": self.stream_time if time is None else float(time),
+            "question": self.question,
+            "answer": self.text,
+            "frames_seen": self.frames_seen,
+            "memory_tokens": self.memory_tokens,
+            "stream_time": self.stream_time,
+            "latency_s": round(wait_s + self.answer_s, 6),
+            "ttft_s": None if self.ttft_s is None else round(wait_s + self.ttft_s, 6),
+            "answer_s": round(self.answer_s, 6),
+            "new_tokens": self.new_tokens,
+        })
+        return out
+
+
+class _TextStreamer(BaseStreamer):
+    """Receives generated ids from `generate`, times the first one and hands text pieces to `on_text`.
+
+    Text is decoded from all ids so far and the new suffix emitted, so multi-token characters and
+    sentencepiece word boundaries come out right; a trailing partial UTF-8 character waits.
+    """
+
+    def __init__(self, tokenizer, on_text=None):
+        self.tokenizer = tokenizer
+        self.on_text = on_text
+        self.ids = []
+        self.first_token_time = None
+        self._emitted = ""
+        self._prompt_seen = False
+
+    def put(self, value):
+        if not self._prompt_seen:  # generate() first pushes the prompt (empty with inputs_embeds)
+            self._prompt_seen = True
+            return
+        if self.first_token_time is None:
+            self.first_token_time = time.perf_counter()
+        self.ids.extend(value.reshape(-1).tolist())
+        self._emit(final=False)
+
+    def end(self):
+        self._emit(final=True)
+
+    def _emit(self, final):
+        if self.on_text is None:
+            return
+        text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
+        if not final and text.endswith("\ufffd"):
+            return
+        if text.startswith(self._emitted) and len(text) > len(self._emitted):
+            self.on_text(text[len(self._emitted):])
+            self._emitted = text
+
+
+class _StopWhen(StoppingCriteria):
+    """Ends generation early when `should_stop()` turns true (the shell stops on another role's error)."""
+
+    def __init__(self, should_stop):
+        self.should_stop = should_stop
+
+    def __call__(self, input_ids, scores, **kwargs):
+        return torch.full((input_ids.shape[0],), bool(self.should_stop()), dtype=torch.bool, device=input_ids.device)
+
+
+class StreamSession:
+    """One video stream: frames in, memory snapshots out, questions answered from snapshots.
+
+    Ingest side (one caller at a time): `add_frame`, `add_frames`, `add_features`.
+    Answer side (one caller at a time, may be another thread): `snapshot`, `ask`, `reset_conversation`.
+
+    `conversation="fresh"` answers every question in a new conversation (as the published CLI did);
+    `"continue"` keeps the earlier questions and answers in the prompt. There is one `<image>` slot,
+    in the first user turn, and it always holds the memory of the snapshot being asked: the whole
+    history is re-read against the newest memory. Old turns are dropped when the prompt would not
+    fit the context with `max_new_tokens` to spare.
+    """
+
+    def __init__(self, model, tokenizer, image_processor=None, conv_mode="vicuna_v1", temperature=0.0,
+                 top_p=None, max_new_tokens=512, conversation="fresh", video_fps=None, context_len=None, seed=0):
+        if conversation not in CONVERSATION_MODES:
+            raise ValueError(f"conversation must be one of {CONVERSATION_MODES}, got {conversation!r}")
+        if conv_mode not in conv_templates:
+            raise ValueError(f"unknown conv_mode {conv_mode!r}; known: {sorted(conv_templates)}")
+        if temperature < 0:
+            raise ValueError(f"temperature must be >= 0, got {temperature}")
+        self.model = model
+        self.tokenizer = tokenizer
+        self.image_processor = image_processor
+        self.conv_mode = conv_mode
+        self.temperature = float(temperature)
+        self.top_p = top_p
+        self.max_new_tokens = int(max_new_tokens)
+        self.conversation = conversation
+        self.video_fps = float(video_fps or model.config.video_fps)
+        self.context_len = int(context_len or getattr(model.config, "tokenizer_model_max_length", None) or 2048)
+        self.memory = STARMemory(model.config, attention_model=model.get_model().attention_model, seed=seed)
+        self._dtype = model.get_model().mm_projector_dtype()
+        self._history = []  # [(question, answer)] of the continuing conversation
+        self._snapshot = None
+        self._lock = threading.Lock()
+        self._stop_text = self._stop_string()
+
+    # --- ingest side ----------------------------------------------------------------------------
+    @torch.inference_mode()
+    def encode(self, frames):
+        """uint8 (H, W, 3) frames (or PIL images) -> CLIP patch features (T, 256, D)."""
+        if self.image_processor is None:
+            raise RuntimeError("raw frames need the vision tower and its image processor; this model was loaded "
+                               "without them (see mm_vision_tower); feed precomputed features instead")
+        pixels = process_images(frames, self.image_processor, self.model.config.image_aspect_ratio)  # (T, 3, S, S)
+        return self.model.get_vision_tower()(pixels)  # (T, 256, D)
+
+    def add_frame(self, frame, timestamp=None):
+        """Encode one frame, update the memory with it, publish and return the new snapshot."""
+        return self.add_features(self.encode([frame]), None if timestamp is None else [timestamp])
+
+    def add_frames(self, frames, timestamps=None):
+        """Several frames, encoded together, then fed to the memory one frame at a time."""
+        return self.add_features(self.encode(list(frames)), timestamps)
+
+    @torch.inference_mode()
+    def add_features(self, features, timestamps=None):
+        """Feed precomputed features (n, 256, D) (or one frame (256, D)) one frame at a time, as a
+        stream does; `timestamps`: n seconds (default: frame counter / video_fps). Publishes once."""
+        if features.dim() == 2:
+            features = features[None]  # (1, 256, D)
+        n = features.shape[0]
+        if timestamps is None:
+            timestamps = [(self.memory.frames_seen + i) / self.video_fps for i in range(n)]
+        timestamps = [float(t) for t in timestamps]
+        if len(timestamps) != n:
+            raise ValueError(f"{n} frames but {len(timestamps)} timestamps")
+        features = features.to(device=self.model.device, dtype=self._dtype)
+        for i in range(n):
+            self.memory.update(features[i:i + 1], timestamps[i:i + 1])  # (1, 256, D): one frame per update
+        return self._publish(timestamps[-1]) if n else self.snapshot()
+
+    def _publish(self, stream_time):
+        tokens = self.memory.read()  # (N, D) a fresh tensor: later updates never touch it
+        if tokens.is_cuda:
+            # the reader may run on another thread; make sure the values exist before handing them over
+            torch.cuda.current_stream(tokens.device).synchronize()
+        snapshot = MemorySnapshot(tokens=tokens, frames_seen=self.memory.frames_seen, stream_time=stream_time,
+                                  timestamps=self.memory.timestamps(), temporal_weights=self.memory.temporal_weights(),
+                                  temporal_spans=self.memory.temporal_spans())
+        with self._lock:
+            self._snapshot = snapshot
+        return snapshot
+
+    # --- answer side ----------------------------------------------------------------------------
+    def snapshot(self):
+        """The latest published snapshot (None before the first frame)."""
+        with self._lock:
+            return self._snapshot
+
+    def reset_conversation(self):
+        self._history = []
+
+    def prompt(self, question, history=None):
+        """The prompt text for `question` after `history` [(q, a)], `<image>` in the first user turn."""
+        conv = conv_templates[self.conv_mode].copy()
+        turns = list(self._history if history is None else history) + [(question, None)]
+        for i, (q, a) in enumerate(turns):
+            conv.append_message(conv.roles[0], f"{DEFAULT_IMAGE_TOKEN}\n{q}" if i == 0 else q)
+            conv.append_message(conv.roles[1], a)
+        return conv.get_prompt()
+
+    def _stop_string(self):
+        conv = conv_templates[self.conv_mode]
+        stop = conv.sep2 or conv.sep
+        # the tokenizer's EOS already ends generation when the stop string is EOS (vicuna_v1: "</s>")
+        return None if not stop.strip() or stop == self.tokenizer.eos_token else stop
+
+    def _prompt_ids(self, question, num_tokens):
+        history = list(self._history) if self.conversation == "continue" else []
+        while True:
+            ids = tokenizer_image_token(self.prompt(question, history), self.tokenizer, return_tensors="pt")
+            if not history or len(ids) - 1 + num_tokens + self.max_new_tokens <= self.context_len:
+                return ids
+            history = history[1:]  # the oldest exchange no longer fits
+
+    @torch.inference_mode()
+    def ask(self, question, snapshot=None, on_text=None, should_stop=None):
+        """Answer `question` from `snapshot` (default: the latest). `on_text(piece)` receives the answer
+        as it is generated; `should_stop()` may end generation early. Greedy when temperature is 0."""
+        start = time.perf_counter()
+        snapshot = self.snapshot() if snapshot is None else snapshot
+        if snapshot is None:
+            raise RuntimeError("no frames in memory yet: nothing to answer from")
+        ids = self._prompt_ids(question, snapshot.num_tokens)[None].to(self.model.device)  # (1, L)
+        streamer = _TextStreamer(self.tokenizer, on_text)
+        stopping = []
+        if self._stop_text is not None:
+            stopping.append(KeywordsStoppingCriteria([self._stop_text], self.tokenizer, ids[:, :0]))
+        if should_stop is not None:
+            stopping.append(_StopWhen(should_stop))
+        kwargs = {"max_new_tokens": self.max_new_tokens, "streamer": streamer, "use_cache": True}
+        if self.temperature > 0:
+            kwargs.update(do_sample=True, temperature=self.temperature)
+            if self.top_p is not None:
+                kwargs["top_p"] = self.top_p
+        else:
+            kwargs["do_sample"] = False
+        if stopping:
+            kwargs["stopping_criteria"] = StoppingCriteriaList(stopping)
+        out = self.model.generate(ids, memory=[snapshot.tokens], **kwargs)  # (1, new tokens)
+        end = time.perf_counter()
+        text = self.tokenizer.decode(out[0], skip_special_tokens=True).strip()
+        if self._stop_text is not None and text.endswith(self._stop_text):
+            text = text[: -len(self._stop_text)].strip()
+        if self.conversation == "continue":
+            self._history.append((question, text))
+        ttft = None if streamer.first_token_time is None else streamer.first_token_time - start
+        return Answer(question=question, text=text, frames_seen=snapshot.frames_seen, stream_time=snapshot.stream_time,
+                      memory_tokens=snapshot.num_tokens, new_tokens=int(out.shape[1]), ttft_s=ttft,
+                      answer_s=end - start)
+
+    # --- a whole scripted timeline, synchronously -------------------------------------------------
+    def run_timeline(self, frames, questions, on_answer=None):
+        """Play `frames` [(frame, timestamp)] and answer scripted `questions` [{"time", "question", ...}]
+        when the stream reaches their time (every frame with timestamp <= time ingested; questions
+        after the last frame are asked at the end). The shell runs the same schedule on threads.
+        Returns the answer records in schedule order."""
+        schedule = QuestionSchedule(questions)
+        records = []
+
+        def answer(due):
+            for item in due:
+                record = self.ask(item["question"]).record(time=item["time"], extra=item)
+                records.append(record)
+                if on_answer is not None:
+                    on_answer(record, self.snapshot())
+
+        for frame, t in frames:
+            if self.snapshot() is not None:
+                answer(schedule.due_before(t))
+            self.add_frame(frame, t)
+            answer(schedule.due_at(t))
+        if self.snapshot() is None and len(schedule):
+            raise RuntimeError("the stream ended before its first frame: no memory to answer from")
+        answer(schedule.remaining())
+        return records
+
+
+class QuestionSchedule:
+    """Scripted questions in stream-time order (ties keep file order).
+
+    A question at time T is due once every frame with timestamp <= T is in the memory: right after
+    a frame at T is ingested (`due_at`), or when the first frame after T arrives, before it is
+    ingested (`due_before`), or at the end of the stream (`remaining`).
+    """
+
+    def __init__(self, questions):
+        items = [dict(q) for q in questions]
+        for i, q in enumerate(items):
+            if not isinstance(q.get("question"), str) or not q["question"].strip():
+                raise ValueError(f"question {i}: 'question' must be a non-empty string")
+            t = q.get("time")
+            if isinstance(t, bool) or not isinstance(t, (int, float)) or not t >= 0 or t == float("inf"):
+                raise ValueError(f"question {i}: 'time' must be a number of seconds >= 0, got {t!r}")
+            q["time"] = float(t)
+        order = sorted(range(len(items)), key=lambda i: items[i]["time"])  # stable
+        self._items = [items[i] for i in order]
+        self._times = [q["time"] for q in self._items]
+        self._next = 0
+
+    def __len__(self):
+        return len(self._items) - self._next
+
+    def _pop_until(self, index):
+        due = self._items[self._next:index]
+        self._next = max(self._next, index)
+        return due
+
+    def due_before(self, t):
+        """Questions strictly before a frame at `t` (call before ingesting it)."""
+        return self._pop_until(bisect.bisect_left(self._times, t - TIME_EPS))
+
+    def due_at(self, t):
+        """Questions at or before a frame at `t` (call after ingesting it)."""
+        return self._pop_until(bisect.bisect_right(self._times, t + TIME_EPS))
+
+    def remaining(self):
+        return self._pop_until(len(self._items))
+
+
+def state_nbytes(obj, _depth=0):
+    """Bytes held by the tensors of a state object (its attributes, lists, tuples, dicts); modules
+    and configs are skipped. Used to log that the memory state stays the same size."""
+    if isinstance(obj, torch.Tensor):
+        return obj.nelement() * obj.element_size()
+    if _depth > 4 or isinstance(obj, torch.nn.Module):
+        return 0
+    if isinstance(obj, dict):
+        return sum(state_nbytes(v, _depth + 1) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(state_nbytes(v, _depth + 1) for v in obj)
+    if _depth == 0 and hasattr(obj, "__dict__"):
+        return sum(state_nbytes(v, _depth + 1) for v in vars(obj).values())
+    return 0

@@ -1,0 +1,498 @@
+"""Reading videos, images and pre-extracted feature files: the one place media comes in.
+
+Videos are sampled by presentation time, not by frame count: sample k is the frame on screen
+at `t_k = start + k / fps` seconds (the last frame whose timestamp is <= t_k; the first frame
+stands for any time before it). Timestamps are seconds from the stream's start time, so a
+variable-frame-rate file and a constant-rate one of the same content give the same samples.
+Frames come out as uint8 RGB (H, W, 3) whatever the pixel format, with the container's
+rotation applied, one at a time: a 3-hour video is never held in memory.
+
+Feature files are safetensors with one tensor `feature` ([T, 256, D] for a video, [256, D] for
+an image) and string metadata (`fps`, `timestamps` as a JSON list, `source`,
+`extractor_version`, ...). They are written to a temporary name and renamed, so a file under
+the final name is always complete.
+"""
+
+import json
+import logging
+import math
+import os
+import tempfile
+from bisect import bisect_right
+
+import numpy as np
+import torch
+
+logger = logging.getLogger(__name__)
+
+VIDEO_EXTENSIONS = (".mp4", ".mkv", ".avi", ".mov", ".webm", ".m4v", ".flv", ".mpg", ".mpeg",
+                    ".wmv", ".3gp", ".ts", ".mts", ".gif")
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
+FEATURE_EXTENSION = ".safetensors"
+BACKENDS = ("pyav", "decord")
+
+# A frame whose timestamp is within this of a sample time counts as on screen at that time.
+# decord reports float32 seconds (0.1 -> 0.10000000149); without the slack the two backends
+# would pick different frames at exact boundaries. Far below any real frame interval.
+TIME_EPS = 1e-4
+URL_TIMEOUT_S = 30.0
+
+
+class VideoReadError(RuntimeError):
+    """A video or image could not be read; the message names the file and the reason."""
+
+
+class FeatureLoadError(RuntimeError):
+    """A feature file is missing, truncated or not the expected shape/dtype; names the file."""
+
+
+def _ext(path):
+    return os.path.splitext(str(path))[1].lower()
+
+
+def is_video_path(path):
+    return _ext(path) in VIDEO_EXTENSIONS
+
+
+def is_image_path(path):
+    return _ext(path) in IMAGE_EXTENSIONS
+
+
+def is_url(path):
+    return "://" in str(path)
+
+
+# ----------------------------------------------------------------------------- images
+
+def load_image(path):
+    """An image file -> uint8 RGB array (H, W, 3), EXIF orientation applied."""
+    from PIL import Image, ImageOps
+
+    try:
+        with Image.open(path) as image:
+            image = ImageOps.exif_transpose(image)
+            return np.asarray(image.convert("RGB"), dtype=np.uint8).copy()
+    except FileNotFoundError:
+        raise VideoReadError(f"{path}: file not found") from None
+    except Exception as e:  # PIL raises many types (UnidentifiedImageError, OSError, SyntaxError)
+        raise VideoReadError(f"{path}: cannot read image: {type(e).__name__}: {e}") from e
+
+
+# ----------------------------------------------------------------------------- sampling
+
+def rotate_frame(frame, rotation):
+    """Apply a display rotation (degrees counter-clockwise, as FFmpeg's display matrix and PyAV's
+    `VideoFrame.rotation` give it) to an (H, W, 3) array. Multiples of 90 only."""
+    k = int(round(rotation / 90.0)) % 4
+    if k == 0:
+        return frame
+    return np.ascontiguousarray(np.rot90(frame, k=k))  # (W, H, 3) for 90/270
+
+
+def _sample_time(k, start, fps):
+    # computed afresh from k (no accumulated float drift over hours)
+    return start + k / fps
+
+
+def _check_args(fps, start, end):
+    if fps is not None and not (fps > 0 and math.isfinite(fps)):
+        raise ValueError(f"fps must be a positive number or None (every frame), got {fps!r}")
+    if start < 0:
+        raise ValueError(f"start must be >= 0, got {start}")
+    if end is not None and end < start:
+        raise ValueError(f"end ({end}) is before start ({start})")
+
+
+def iter_frames(path, fps=1.0, backend="pyav", start=0.0, end=None, timeout=URL_TIMEOUT_S,
+                allow_truncated=False, threads=0):
+    """Yield (frame uint8 (H, W, 3) RGB, timestamp seconds) sampled at `fps` from a video.
+
+    `fps=None` yields every frame at its own timestamp. Samples run from `start` to the last
+    frame's timestamp, or to `end` (inclusive) when given: a stream cut at a question time.
+    A video shorter than one sample period gives its first frame. `backend` is "pyav" or
+    "decord". `timeout` (seconds) bounds each network wait for a URL; `threads` is the
+    decoder's thread count (0: one per core; fewer when several files decode at once). A frame on screen at
+    several sample times is yielded as the same array: treat frames as read-only.
+
+    Raises VideoReadError naming the file when it is missing, empty, not a video, fails to
+    decode, or is truncated (frames stop well before the declared duration; the error comes
+    after the frames that could be read, unless `allow_truncated`).
+    """
+    _check_args(fps, start, end)
+    if backend == "pyav":
+        return _iter_pyav(path, fps, start, end, timeout, allow_truncated, threads)
+    if backend == "decord":
+        return _iter_decord(path, fps, start, end, timeout, allow_truncated, threads)
+    raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+
+
+def read_frames(path, fps=1.0, backend="pyav", start=0.0, end=None, timeout=URL_TIMEOUT_S,
+                allow_truncated=False, threads=0):
+    """All samples at once: (uint8 array (T, H, W, 3), list of T timestamps). For short clips;
+    use `iter_frames` for long videos."""
+    frames, times = [], []
+    for frame, t in iter_frames(path, fps=fps, backend=backend, start=start, end=end, timeout=timeout,
+                                allow_truncated=allow_truncated, threads=threads):
+        frames.append(frame)
+        times.append(t)
+    return np.stack(frames), times
+
+
+def _open_pyav(path, timeout):
+    import av
+
+    if not is_url(path) and not os.path.exists(path):
+        raise VideoReadError(f"{path}: file not found")
+    if not is_url(path) and os.path.getsize(path) == 0:
+        raise VideoReadError(f"{path}: file is empty")
+    try:
+        container = av.open(str(path), timeout=timeout if is_url(path) else None)
+    except Exception as e:
+        raise VideoReadError(f"{path}: cannot open: {type(e).__name__}: {e}") from e
+    if not container.streams.video:
+        container.close()
+        raise VideoReadError(f"{path}: no video stream")
+    return container
+
+
+def _stream_origin(stream):
+    """Stream start in seconds (None when the container does not say)."""
+    if stream.start_time is None or stream.time_base is None:
+        return None
+    return float(stream.start_time * stream.time_base)
+
+
+def _iter_pyav(path, fps, start, end, timeout, allow_truncated=False, threads=0):
+    container = _open_pyav(path, timeout)
+    try:
+        stream = container.streams.video[0]
+        stream.thread_type = "AUTO"  # frame + slice threads; decoding is the CPU cost of extraction
+        stream.codec_context.thread_count = threads  # 0: FFmpeg picks (about one per core)
+        origin = _stream_origin(stream)
+        if start > 0:
+            try:
+                # backward to the keyframe at or before `start`: the frame on screen at `start`
+                # is decoded on the way
+                offset = (origin or 0.0) + start
+                container.seek(int(offset / stream.time_base), backward=True, any_frame=False, stream=stream)
+            except Exception as e:
+                logger.warning("%s: seek to %.3fs failed (%s); decoding from the beginning", path, start, e)
+                container.seek(0)
+        yield from _sample_stream(path, _decoded_frames(path, container, stream), fps, start, end, origin,
+                                  _declared_duration(container, stream), allow_truncated)
+    finally:
+        container.close()
+
+
+def _declared_duration(container, stream):
+    if stream.duration is not None and stream.time_base is not None:
+        return float(stream.duration * stream.time_base)
+    if container.duration is not None:
+        return container.duration / 1e6
+    return None
+
+
+def _decoded_frames(path, container, stream):
+    """(av.VideoFrame, seconds or None) in presentation order; decoder errors -> VideoReadError."""
+    it = container.decode(stream)
+    while True:
+        try:
+            frame = next(it)
+        except StopIteration:
+            return
+        except Exception as e:
+            raise VideoReadError(f"{path}: decoding failed: {type(e).__name__}: {e}") from e
+        yield frame, (None if frame.pts is None or frame.time_base is None else float(frame.pts * frame.time_base))
+
+
+def _rgb_converter(first):
+    """Frame -> uint8 RGB (H, W, 3) at the first frame's size (a mid-stream resolution change
+    still stacks), with the first frame's display rotation applied."""
+    width, height, rotation = first.width, first.height, first.rotation or 0
+    return lambda frame: rotate_frame(frame.to_ndarray(format="rgb24", width=width, height=height), rotation)
+
+
+def _sample_stream(path, decoded, fps, start, end, origin, declared_duration, allow_truncated):
+    """The sampling rule over (frame, seconds) in presentation order; `_sample_indices` is the
+    same rule for a reader that knows every timestamp up front (decord)."""
+    convert = None
+    current = current_rgb = current_t = None  # the frame on screen, converted lazily, its time
+    k = n_frames = 0
+    for frame, t in decoded:
+        n_frames += 1
+        if convert is None:
+            convert = _rgb_converter(frame)
+            origin = (t or 0.0) if origin is None else origin
+        # a missing timestamp: assume 30 fps spacing after the previous frame
+        t = (current_t + 1.0 / 30 if current_t is not None else 0.0) if t is None else t - origin
+        if fps is None:  # every frame at its own time
+            if end is not None and t > end + TIME_EPS:
+                break
+            if t >= start - TIME_EPS:
+                yield convert(frame), t
+                k += 1
+            current_t = t
+            continue
+        if current is not None:
+            # every sample time before this frame's timestamp shows `current`
+            while True:
+                tk = _sample_time(k, start, fps)
+                if end is not None and tk > end + TIME_EPS:
+                    break
+                if tk + TIME_EPS >= t:
+                    break
+                if current_rgb is None:  # a frame shown at several sample times is converted once
+                    current_rgb = convert(current)
+                yield current_rgb, tk
+                k += 1
+            if end is not None and _sample_time(k, start, fps) > end + TIME_EPS:
+                break
+        current, current_rgb, current_t = frame, None, t
+    else:
+        # end of stream: the last frame is on screen at sample times up to its own timestamp;
+        # the first sample always exists, so a video shorter than one period gives its first frame
+        while fps is not None and current is not None:
+            tk = _sample_time(k, start, fps)
+            if (end is not None and tk > end + TIME_EPS) or (tk > current_t + TIME_EPS and (k > 0 or start > 0)):
+                break
+            if current_rgb is None:
+                current_rgb = convert(current)
+            yield current_rgb, tk
+            k += 1
+    if n_frames == 0:
+        raise VideoReadError(f"{path}: no decodable video frames")
+    if k == 0:
+        raise VideoReadError(f"{path}: no frames in the requested range (start={start}s, end={end}s; "
+                             f"last frame at {current_t:.3f}s)")
+    _check_complete(path, current_t, declared_duration, end, allow_truncated)
+
+
+def _check_complete(path, last_t, declared_duration, end, allow_truncated):
+    """A file whose frames stop well before its declared duration (or before `end`) is
+    truncated: an error, unless `allow_truncated` (then a warning)."""
+    expected = declared_duration if end is None or not declared_duration else min(end, declared_duration)
+    if expected and last_t < 0.9 * expected - 1.0:
+        message = f"{path}: truncated: frames stop at {last_t:.1f}s of a declared {declared_duration:.1f}s"
+        if not allow_truncated:
+            raise VideoReadError(message + " (allow_truncated=True reads what is there)")
+        logger.warning(message)
+
+
+def _import_decord():
+    try:
+        import decord
+    except ImportError:
+        try:
+            import decord2 as decord
+        except ImportError:
+            raise ImportError("backend='decord' needs the decord (or decord2) package") from None
+    return decord
+
+
+def _sample_indices(times, fps, start, end):
+    """Indices into frames with start times `times` (sorted, relative seconds) and sample times."""
+    if fps is None:
+        picks = [(i, t) for i, t in enumerate(times)
+                 if t >= start - TIME_EPS and (end is None or t <= end + TIME_EPS)]
+        return [i for i, _ in picks], [t for _, t in picks]
+    indices, sample_times = [], []
+    last = times[-1]
+    k = 0
+    while True:
+        tk = _sample_time(k, start, fps)
+        if (k > 0 or start > 0) and tk > last + TIME_EPS:
+            break
+        if end is not None and tk > end + TIME_EPS:
+            break
+        indices.append(max(bisect_right(times, tk + TIME_EPS) - 1, 0))
+        sample_times.append(tk)
+        k += 1
+    return indices, sample_times
+
+
+def _iter_decord(path, fps, start, end, timeout, allow_truncated=False, threads=0, batch=16):
+    decord = _import_decord()
+    # PyAV opens the file first: it gives the rotation and a readable error for a corrupt file
+    # (decord 0.6 can abort the process on some broken inputs).
+    container = _open_pyav(path, timeout)
+    try:
+        first = next(_decoded_frames(path, container, container.streams.video[0]), None)
+        if first is None:
+            raise VideoReadError(f"{path}: no decodable video frames")
+        rotation = first[0].rotation or 0
+        declared = _declared_duration(container, container.streams.video[0])
+    finally:
+        container.close()
+    if rotation:
+        # decord 0.6 returns a garbled 4-channel image for 90-degree rotations; PyAV is exact
+        logger.info("%s: rotated video (%d deg); decoding with PyAV instead of decord", path, rotation)
+        yield from _iter_pyav(path, fps, start, end, timeout, allow_truncated, threads)
+        return
+    try:
+        reader = decord.VideoReader(str(path), ctx=decord.cpu(0), num_threads=threads)
+        n = len(reader)
+        # (n, 2) start/end seconds from the stream start, float32
+        times = [float(t) for t in reader.get_frame_timestamp(list(range(n)))[:, 0]] if n else []
+    except Exception as e:
+        raise VideoReadError(f"{path}: decord cannot open: {type(e).__name__}: {e}") from e
+    if n == 0:
+        raise VideoReadError(f"{path}: no decodable video frames")
+    _check_complete(path, times[-1], declared, end, allow_truncated)
+    indices, sample_times = _sample_indices(times, fps, start, end)
+    if not indices:
+        raise VideoReadError(f"{path}: no frames in the requested range (start={start}s, end={end}s, "
+                             f"last frame at {times[-1]:.3f}s)")
+    for lo in range(0, len(indices), batch):
+        chunk = indices[lo:lo + batch]
+        try:
+            frames = reader.get_batch(chunk).asnumpy()  # (b, H, W, 3) uint8 RGB
+        except Exception as e:
+            raise VideoReadError(f"{path}: decord decoding failed: {type(e).__name__}: {e}") from e
+        for frame, t in zip(frames, sample_times[lo:lo + batch]):
+            yield frame, t
+
+
+# ----------------------------------------------------------------------------- features
+
+def _metadata_strings(metadata):
+    out = {}
+    for key, value in (metadata or {}).items():
+        if key == "timestamps" or isinstance(value, (list, tuple, dict)):
+            value = json.dumps([float(x) for x in value] if key == "timestamps" else value)
+        out[str(key)] = value if isinstance(value, str) else str(value)
+    return out
+
+
+def save_features(path, feature, metadata=None):
+    """Write `feature` (a tensor) to `path` as safetensors with string `metadata`, atomically:
+    the bytes go to a temporary file in the same folder, then `os.replace` gives the final name.
+    """
+    from safetensors.torch import save_file
+
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp", dir=folder)
+    os.close(fd)
+    try:
+        save_file({"feature": feature.detach().cpu().contiguous()}, tmp, metadata=_metadata_strings(metadata))
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def temp_files_for(path):
+    """Leftover temporary files of `save_features(path)` (from a killed run)."""
+    folder = os.path.dirname(os.path.abspath(path))
+    prefix = "." + os.path.basename(path) + "."
+    if not os.path.isdir(folder):
+        return []
+    return [os.path.join(folder, f) for f in os.listdir(folder) if f.startswith(prefix) and f.endswith(".tmp")]
+
+
+def _parse_metadata(path, raw):
+    meta = dict(raw or {})
+    try:
+        if "timestamps" in meta:
+            meta["timestamps"] = [float(x) for x in json.loads(meta["timestamps"])]
+            if not all(math.isfinite(x) for x in meta["timestamps"]):
+                raise ValueError("non-finite timestamp")
+        if "fps" in meta:
+            meta["fps"] = float(meta["fps"])
+    except (ValueError, TypeError) as e:
+        raise FeatureLoadError(f"{path}: bad metadata in the header: {e}") from e
+    return meta
+
+
+def _open_checked(path, kind, hidden_size, num_patches):
+    """Open a feature file and check its header; returns (safe_open handle, shape, metadata)."""
+    from safetensors import safe_open
+
+    if kind not in (None, "video", "image"):
+        raise ValueError(f"kind must be 'video', 'image' or None, got {kind!r}")
+    if not os.path.exists(path):
+        raise FeatureLoadError(f"{path}: feature file not found")
+    try:
+        handle = safe_open(path, framework="pt")
+    except Exception as e:  # SafetensorError: truncated, empty, not a safetensors file
+        raise FeatureLoadError(f"{path}: not a readable safetensors file (truncated or corrupt?): {e}") from e
+    try:
+        if "feature" not in handle.keys():
+            raise FeatureLoadError(f"{path}: no tensor 'feature' (found {sorted(handle.keys())})")
+        sliced = handle.get_slice("feature")
+        shape, dtype = list(sliced.get_shape()), sliced.get_dtype()
+        if dtype not in ("F16", "BF16", "F32", "F64"):
+            raise FeatureLoadError(f"{path}: 'feature' has dtype {dtype}, expected a floating type")
+        if kind == "video":
+            expected = "[T, P, D]"
+            ok = len(shape) == 3
+        elif kind == "image":
+            expected = "[P, D] (or [1, P, D])"
+            ok = len(shape) == 2 or (len(shape) == 3 and shape[0] == 1)
+        else:
+            expected = "[T, P, D] or [P, D]"
+            ok = len(shape) in (2, 3)
+        if not ok:
+            raise FeatureLoadError(f"{path}: 'feature' has shape {shape}, expected {expected}")
+        if len(shape) == 2:
+            shape = [1] + shape
+        if shape[0] == 0:
+            raise FeatureLoadError(f"{path}: 'feature' has no frames (shape {shape})")
+        if num_patches is not None and shape[1] != num_patches:
+            raise FeatureLoadError(f"{path}: 'feature' has {shape[1]} patches per frame, expected {num_patches}")
+        if hidden_size is not None and shape[2] != hidden_size:
+            raise FeatureLoadError(f"{path}: 'feature' has hidden size {shape[2]}, expected {hidden_size}")
+        meta = _parse_metadata(path, handle.metadata())
+        if "timestamps" in meta and len(meta["timestamps"]) != shape[0]:
+            raise FeatureLoadError(f"{path}: {len(meta['timestamps'])} timestamps in the header for "
+                                   f"{shape[0]} frames")
+        return handle, shape, meta
+    except BaseException:
+        del handle
+        raise
+
+
+def load_features_with_meta(path, kind=None, hidden_size=None, num_patches=256, check_finite=True):
+    """(feature [T, P, D] float tensor, metadata dict) from a feature file.
+
+    An image file's [P, D] comes back as [1, P, D]. `metadata` has `fps` as float and
+    `timestamps` as a list of floats; other keys stay strings. Anything wrong -> FeatureLoadError
+    naming the file.
+    """
+    from safetensors.torch import load as load_bytes
+
+    handle, shape, meta = _open_checked(path, kind, hidden_size, num_patches)
+    del handle
+    try:
+        # read into memory rather than keep safetensors' memory map: a tensor backed by a file
+        # that is later truncated in place kills the process with SIGBUS when touched
+        with open(path, "rb") as f:
+            feature = load_bytes(f.read())["feature"]
+        feature = feature.reshape(shape)  # (T, P, D)
+    except Exception as e:
+        raise FeatureLoadError(f"{path}: cannot read 'feature' (changed while reading?): {e}") from e
+    if check_finite and not bool(torch.isfinite(feature).all()):
+        raise FeatureLoadError(f"{path}: 'feature' holds NaN or infinite values")
+    return feature, meta
+
+
+def load_features(path, kind=None, hidden_size=None, num_patches=256, check_finite=True):
+    """Feature tensor [T, P, D] of a video (or [1, P, D] of an image) file; see load_features_with_meta."""
+    return load_features_with_meta(path, kind, hidden_size, num_patches, check_finite)[0]
+
+
+def valid_feature_file(path, kind=None, hidden_size=None, num_patches=256, fps=None):
+    """True when `path` is a complete feature file of the expected shape (and `fps`, when given).
+
+    Reads the header only; safetensors checks that the body covers every tensor, so a truncated
+    file is invalid. Used to skip finished outputs when an extraction resumes.
+    """
+    try:
+        handle, _, meta = _open_checked(path, kind, hidden_size, num_patches)
+        del handle
+    except FeatureLoadError:
+        return False
+    if fps is not None and kind != "image" and meta.get("fps") is not None and abs(meta["fps"] - fps) > 1e-6:
+        return False
+    return True
