@@ -9,6 +9,7 @@
 Dispatch is on the config's `model_type` and on the files present, never on the folder name.
 """
 
+import contextlib
 import json
 import os
 import warnings
@@ -45,8 +46,19 @@ def load_adapter_weights(model, adapter_path):
         # Adapters written by the published code hold only the projector (its stage-1 save dropped
         # the Semantic Attention); that module then keeps its initial weights.
         warnings.warn(f"{adapter_path}: no weights for {missing}; keeping their initial values")
-    model.load_state_dict(state, strict=False)
+    params = dict(model.named_parameters())
+    with _gathered_for_write([params[k] for k in state if k in params]):
+        model.load_state_dict(state, strict=False)
     return model
+
+
+def _gathered_for_write(params):
+    """Under DeepSpeed ZeRO-3 parameters are partitioned: gather them to write, re-partition after."""
+    if not any(hasattr(p, "ds_id") for p in params):
+        return contextlib.nullcontext()
+    from deepspeed import zero
+
+    return zero.GatheredParameters(params, modifier_rank=0)
 
 
 def _dtype_for(device, load_8bit, load_4bit, torch_dtype):

@@ -119,12 +119,20 @@ class VStreamMetaForCausalLM:
             projected = model.mm_projector(flat).to(embeds.dtype)  # (sum N, hidden)
             embeds = embeds.masked_scatter(is_memory.unsqueeze(-1), projected)
         if self.training:
-            # Keep every multimodal parameter in the graph (text-only batches, short clips that
-            # never reach the Semantic Attention, unused v/out/out_ln) so DDP and ZeRO see a grad.
-            idle = sum(p.sum() for p in model.mm_projector.parameters())
-            idle = idle + sum(p.sum() for p in model.attention_model.parameters())
-            embeds = embeds + 0.0 * idle.to(embeds.dtype)
+            embeds = embeds + 0.0 * self._idle_multimodal_output().to(embeds.dtype)
         return embeds
+
+    def _idle_multimodal_output(self):
+        """A zero-weighted output of every multimodal parameter, so that DDP and ZeRO see a grad for
+        each (text-only batches, clips too short to reach the Semantic Attention, the unused
+        v/out/out_ln). The modules are called, not their tensors read: ZeRO-3 gathers on call."""
+        model = self.get_model()
+        attention = model.attention_model
+        probe = torch.zeros(1, self.config.mm_hidden_size, device=model.embed_tokens.weight.device,
+                            dtype=model.mm_projector_dtype())  # (1, D)
+        outputs = (model.mm_projector(probe), attention.q_proj(probe), attention.k_proj(probe),
+                   attention.out_proj(attention.v_proj(probe)), attention.out_ln(probe))
+        return sum(out.sum() for out in outputs)
 
     def expand_for_generation(self, input_ids, memory_tokens, attention_mask=None, pad_token_id=0):
         """Expand each row's single `<image>` to its memory size; re-pad on the left.

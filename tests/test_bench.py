@@ -1,0 +1,151 @@
+"""The benchmark on the tiny preset (CPU, seconds), and the fast greedy decoder against `generate`."""
+
+import json
+import os
+import subprocess
+
+import pytest
+import torch
+
+from flash_vstream import bench
+from flash_vstream.constants import IMAGE_TOKEN_INDEX
+from flash_vstream.demo.tiny import tiny_vstream_config
+from flash_vstream.model import VStreamLlamaForCausalLM
+from flash_vstream.model.fast_generate import GreedyDecoder, greedy_generate
+
+
+def test_bench_tiny_cpu_end_to_end(tmp_path):
+    out = tmp_path / "bench"
+    code = bench.main(["--preset", "tiny", "--device", "cpu", "--output-dir", str(out), "--positions", "5,20",
+                       "--window", "2", "--answer-tokens", "4", "--strict"])
+    assert code == 0
+    report = json.loads((out / "bench.json").read_text())
+    assert {"meta", "targets", "sections", "summary"} <= set(report)
+    for key in ("device", "torch", "transformers", "preset", "dtype", "duration_s"):
+        assert key in report["meta"]
+    assert report["targets"]["ttft_ms"] == 25.0 and report["targets"]["peak_mem_gb"] == 15.0
+    sections = report["sections"]
+    assert set(bench.SECTIONS) | {"build"} == set(sections)
+    assert all(s["status"] == "ok" for s in sections.values()), {k: s.get("error") for k, s in sections.items()}
+
+    clip = sections["clip_one_frame"]
+    assert clip["stock_ms"]["p50"] > 0 and clip["optimised_ms"]["p50"] > 0
+    assert clip["truncated_vs_stock_rel_err"] < 1e-6  # the fast encoder returns what CLIPVisionTower returns
+
+    decode = sections["decode"]
+    assert decode["memory_tokens"] == 681
+    assert decode["stock"]["new_tokens"] == decode["optimised"]["new_tokens"] == 4  # EOS ignored: forced length
+    assert decode["tokens_equal_stock"]
+
+    streaming = sections["streaming"]
+    assert [p["position_frames"] for p in streaming["positions"]] == [0, 5, 20]
+    for p in streaming["positions"]:
+        assert p["frames_seen"] >= p["position_frames"]
+        for key in ("ingest_ms", "ttft_ms", "answer_ms"):
+            assert p[key]["stock"]["n"] >= 1 and p[key]["optimised"]["p99"] > 0
+        assert p["update_ms"]["n"] == 2
+        assert set(p["peak_mem_gb"]) == {"stock", "optimised"}  # None on CPU
+    assert streaming["positions"][-1]["memory_tokens"] == 681
+
+    upstream = sections["baseline_upstream_buffer"]["rows"]
+    assert [r["frames"] for r in upstream] == [5, 20]
+    assert upstream[1]["buffer_bytes"] == 20 * 64 * 32 * 2 and upstream[1]["copy_ms"] > 0
+    full = sections["baseline_full_context"]
+    assert [r["frames"] for r in full["rows"]] == [5, 20] and all(r["status"] == "ok" for r in full["rows"])
+    assert full["rows"][1]["tokens"] == 20 * 64
+    extraction = sections["extraction"]["rows"]
+    assert [r["batch"] for r in extraction] == [2, 4] and all(r["optimised_fps"] > 0 for r in extraction)
+
+    metrics = [r["metric"] for r in report["summary"]]
+    assert "decode tokens/s, batch 1" in metrics and any("ingest p99" in m for m in metrics)
+    png = out / "bench.png"
+    assert png.stat().st_size > 10_000 and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_benchmark_script_runs_selected_sections(tmp_path):
+    """scripts/benchmark.sh passes its flags through; skipped sections are recorded as such."""
+    script = os.path.join(os.path.dirname(__file__), "..", "scripts", "benchmark.sh")
+    skip = "decode,streaming,baseline_full_context,extraction"
+    result = subprocess.run(["bash", script, str(tmp_path), "--preset", "tiny", "--device", "cpu", "--positions", "3",
+                             "--strict", "--skip", skip], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "one-frame CLIP ms" in result.stdout
+    report = json.loads((tmp_path / "bench.json").read_text())
+    statuses = {k: v["status"] for k, v in report["sections"].items()}
+    assert statuses == {"build": "ok", "clip_one_frame": "ok", "baseline_upstream_buffer": "ok",
+                        **{k: "skipped" for k in skip.split(",")}}
+    assert (tmp_path / "bench.png").exists()
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--output-dir", str(tmp_path), "--skip", "nonsense"])
+
+
+@pytest.fixture(scope="module")
+def tiny_model():
+    config = tiny_vstream_config(vocab_size=300, clip_dir=None, clip_hidden=32)
+    torch.manual_seed(0)
+    model = VStreamLlamaForCausalLM._from_config(config, attn_implementation="sdpa", dtype=torch.float32)
+    return model.eval()
+
+
+def _reference(model, ids, memory, max_new_tokens, eos_token_id):
+    """`model.generate` greedy, new tokens only; `eos_token_id=None` generates exactly max_new_tokens."""
+    model.generation_config.eos_token_id = eos_token_id
+    try:
+        with torch.no_grad():
+            if memory is None:
+                out = model.generate(ids[None], max_new_tokens=max_new_tokens, do_sample=False)
+                return out[:, ids.numel():]  # text-only generate returns the prompt too
+            return model.generate(ids[None], memory=[memory], max_new_tokens=max_new_tokens, do_sample=False)
+    finally:
+        model.generation_config.eos_token_id = 2
+
+
+@pytest.mark.parametrize("with_memory", [True, False])
+def test_fast_decoder_equals_generate(tiny_model, with_memory):
+    torch.manual_seed(1)
+    ids = torch.tensor([1, 45, 9, 120, IMAGE_TOKEN_INDEX, 17, 33, 4, 250] if with_memory else [1, 45, 9, 120, 17, 33])
+    memory = torch.randn(681, 32) if with_memory else None
+    decoder = GreedyDecoder(tiny_model, max_cache_len=800)
+    assert decoder.mode == "eager"
+
+    forced = _reference(tiny_model, ids, memory, 30, None)
+    assert forced.shape == (1, 30)
+    assert torch.equal(decoder.generate(ids, memory, max_new_tokens=30), forced)
+
+    # an EOS that the greedy answer reaches at step >= 3 must end both answers at the same token
+    tokens = forced[0].tolist()
+    stop = next(i for i in range(3, 30) if tokens[i] not in tokens[:i])
+    eos = tokens[stop]
+    reference = _reference(tiny_model, ids, memory, 30, eos)
+    assert reference.shape[1] == stop + 1
+    assert torch.equal(decoder.generate(ids, memory, max_new_tokens=30, eos_token_id=eos), reference)
+
+
+def test_fast_decoder_serves_several_questions(tiny_model):
+    """One decoder, several prompts of different lengths and memories: the static cache is reset each time."""
+    torch.manual_seed(2)
+    decoder = GreedyDecoder(tiny_model, max_cache_len=1024)
+    prompts = [(torch.tensor([1, 7, IMAGE_TOKEN_INDEX, 8, 9]), torch.randn(681, 32)),
+               (torch.tensor([1, IMAGE_TOKEN_INDEX, 4]), torch.randn(81, 32)),
+               (torch.tensor([1, 7, IMAGE_TOKEN_INDEX, 8, 9, 10, 11]), torch.randn(150, 32))]
+    for ids, memory in prompts:
+        expected = _reference(tiny_model, ids, memory, 8, None)
+        assert torch.equal(decoder.generate(ids, memory, max_new_tokens=8), expected)
+        first = decoder.prefill(ids, memory)
+        assert first.item() == expected[0, 0].item()
+    ids, memory = prompts[1]
+    assert torch.equal(greedy_generate(tiny_model, ids, memory, max_new_tokens=5),
+                       _reference(tiny_model, ids, memory, 5, None))
+    with pytest.raises(ValueError):
+        decoder.generate(prompts[0][0], prompts[0][1], max_new_tokens=400)  # 685 + 400 > 1024
+
+
+def test_compiled_decode_step_traces_and_matches(tiny_model):
+    """The step the GPU run compiles traces through transformers' modules and the static cache (dynamo
+    with the eager backend: the trace alone, quick on CPU) and still gives `generate`'s tokens."""
+    torch.manual_seed(3)
+    ids, memory = torch.tensor([1, 45, IMAGE_TOKEN_INDEX, 17, 33]), torch.randn(681, 32)
+    decoder = GreedyDecoder(tiny_model, max_cache_len=768, compile_step=True, compile_options={"backend": "eager"})
+    decoder.setup()
+    assert decoder.mode == "compiled_eager", decoder.errors
+    assert torch.equal(decoder.generate(ids, memory, max_new_tokens=10), _reference(tiny_model, ids, memory, 10, None))
