@@ -226,3 +226,24 @@ def test_launcher_rejects_per_process_flags(flag, tmp_path, capsys):
     with pytest.raises(SystemExit):
         run_eval.main(["--qa-file", "q", "--video-dir", "d", "--output-dir", "o", "--model-path", "m", flag, "x"])
     assert f"{flag} is set by the launcher" in capsys.readouterr().err
+
+
+def test_last_frames_ablation_keeps_the_size_but_only_the_newest_frames(tmp_path):
+    import types
+
+    import torch
+
+    from flash_vstream.eval_video.inference import InputLoader
+    from flash_vstream.video_io import save_features
+
+    feature = torch.arange(5, dtype=torch.float32)[:, None, None].expand(5, 256, 8).contiguous()  # frame k = k
+    save_features(str(tmp_path / "v.safetensors"), feature, {"fps": 1})
+    model = types.SimpleNamespace(config=types.SimpleNamespace(mm_hidden_size=8, video_fps=1.0),
+                                  device=torch.device("cpu"))
+    item = {"video_id": "v", "time": 3}
+    full = InputLoader(model, str(tmp_path))(item)
+    assert full[:, 0, 0].tolist() == [0, 1, 2, 3]  # cut at the question time
+    one = InputLoader(model, str(tmp_path), last_frames=1)(item)
+    assert one[:, 0, 0].tolist() == [3, 3, 3, 3]
+    two = InputLoader(model, str(tmp_path), last_frames=2)(item)
+    assert two[:, 0, 0].tolist() == [2, 3, 2, 3]

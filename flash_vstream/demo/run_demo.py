@@ -45,7 +45,7 @@ class Preset:
 
 PRESETS = {
     # fits in ~10 minutes on 2 CPU cores
-    "cpu": Preset(train_streams=200, test_streams=40, stream_length=(40, 80), train_questions=10, test_questions=5,
+    "cpu": Preset(train_streams=400, test_streams=40, stream_length=(40, 80), train_questions=10, test_questions=10,
                   clip_hidden=32, llm_hidden=128, llm_layers=4, stage1_epochs=1, stage2_epochs=3, batch_size=16,
                   stage1_lr=1e-3, stage2_lr=2e-3),
     # seconds: what the test suite runs to guard the chain
@@ -256,7 +256,7 @@ def run(output, device="cpu", preset_name="cpu", seed=0):
     full, ablation = os.path.join(paths["eval"], "full"), os.path.join(paths["eval"], "spatial_only")
     steps.run("evaluate: full STAR memory", os.path.join(full, "exact", "results.json"),
               lambda: evaluate(paths, device, "full"))
-    steps.run("evaluate: spatial-only ablation (newest frame only)", os.path.join(ablation, "exact", "results.json"),
+    steps.run("evaluate: spatial-only ablation (memory filled with the newest frame)", os.path.join(ablation, "exact", "results.json"),
               lambda: evaluate(paths, device, "spatial_only", ["--last-frames", "1"]))
     steps.run("realtime CLI on a held-out stream", paths["memory_plot"], lambda: realtime(paths, device))
 

@@ -258,8 +258,13 @@ class InputLoader:
 
     def __call__(self, item):
         features = self._load(item)  # (T, 256, D), cut at the question time
-        # the memory ablation: keep only the newest frames (1 = only what is on screen now)
-        return features if self.last_frames is None else features[-self.last_frames:]
+        if self.last_frames is None:
+            return features
+        # the memory ablation: the newest K frames repeated to the clip's length, so the memory has
+        # its usual size and layout but holds nothing older (K=1: only what is on screen now)
+        newest = features[-self.last_frames:]  # (K, 256, D)
+        repeats = -(-len(features) // len(newest))
+        return newest.repeat(repeats, 1, 1)[-len(features):]  # (T, 256, D)
 
     def _load(self, item):
         end = item.get("time")
@@ -442,7 +447,8 @@ def build_parser():
     p.add_argument("--resume-from", nargs="*", default=[],
                    help="other prediction files whose answers of this run identity count as done")
     p.add_argument("--last-frames", type=int, default=None,
-                   help="ablation: build the memory from only the newest K frames before each question")
+                   help="ablation: build the memory from the newest K frames before each question, repeated "
+                        "to the clip's length (nothing older reaches the memory)")
     p.add_argument("--limit", type=int, default=None, help="answer at most this many items, then stop")
     p.add_argument("--device", default=None, help="cpu | cuda | cuda:N (default: cuda when available)")
     p.add_argument("--dtype", choices=("fp16", "bf16", "fp32"), default=None,
