@@ -244,3 +244,21 @@ def test_spliced_forward_matches_transformers_llava(tiny_clip_dir, tiny_tokenize
         expected = llava(input_ids=llava_ids, pixel_values=pixels).logits
         got = ours(input_ids=our_ids, images=[pixels]).logits
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+
+
+def test_features_only_model_loads_without_the_vision_tower(loaded, tmp_path, example_frames):
+    tokenizer, model, processor, _ = loaded
+    features = model.get_vision_tower()(process_images(example_frames, processor, "pad"))
+    model.save_pretrained(tmp_path / "m")
+    tokenizer.save_pretrained(tmp_path / "m")
+    config = json.loads((tmp_path / "m" / "config.json").read_text())
+    config["mm_vision_tower"] = str(tmp_path / "no-such-clip")
+    (tmp_path / "m" / "config.json").write_text(json.dumps(config))
+    with pytest.warns(UserWarning, match="only pre-extracted features"):
+        _, again, no_processor, _ = load_pretrained_model(str(tmp_path / "m"), device="cpu")
+    assert no_processor is None
+    ids = _prompt_ids(tokenizer)[None]
+    assert torch.equal(again.generate(ids, features=[features], max_new_tokens=3, do_sample=False),
+                       model.generate(ids, features=[features], max_new_tokens=3, do_sample=False))
+    with pytest.raises(RuntimeError, match="no-such-clip"):
+        again.generate(ids, images=[torch.rand(2, 3, 32, 32)], max_new_tokens=3)

@@ -61,12 +61,11 @@ def _gathered_for_write(params):
     return zero.GatheredParameters(params, modifier_rank=0)
 
 
-def _dtype_for(device, load_8bit, load_4bit, torch_dtype):
+def _dtype_for(device, torch_dtype):
+    """fp32 on the CPU, fp16 on a GPU (as the published loader), unless a dtype is given."""
     if torch_dtype is not None:
         return torch_dtype
-    if str(device).startswith("cpu"):
-        return torch.float32
-    return torch.float16
+    return torch.float32 if str(device).startswith("cpu") else torch.float16
 
 
 def load_pretrained_model(model_path, model_base=None, model_name=None, load_8bit=False, load_4bit=False,
@@ -78,11 +77,8 @@ def load_pretrained_model(model_path, model_base=None, model_name=None, load_8bi
     """
     if load_8bit and load_4bit:
         raise ValueError("choose one of load_8bit / load_4bit")
-    dtype = _dtype_for(device, load_8bit, load_4bit, torch_dtype)
-    kwargs = {"dtype": dtype}
-    if attn_implementation is None:
-        attn_implementation = "sdpa"
-    kwargs["attn_implementation"] = attn_implementation
+    dtype = _dtype_for(device, torch_dtype)
+    kwargs = {"dtype": dtype, "attn_implementation": attn_implementation or "sdpa"}
     if str(device).startswith("cpu"):
         device_map = None
     elif device_map == "auto" and device != "cuda":
@@ -137,14 +133,11 @@ def load_pretrained_model(model_path, model_base=None, model_name=None, load_8bi
     image_processor = None
     if isinstance(model, VStreamLlamaForCausalLM):
         model.generation_config.pad_token_id = tokenizer.pad_token_id
-        tower = model.get_vision_tower()
         try:
-            tower = model.get_model().load_vision_tower(device=model.device, dtype=dtype)
-            image_processor = tower.image_processor
+            image_processor = model.get_model().load_vision_tower(device=model.device, dtype=dtype).image_processor
         except FileNotFoundError as error:
             # Features-only use (evaluation on pre-extracted .safetensors) still works.
             warnings.warn(f"vision tower not loaded ({error}); only pre-extracted features can be used")
-        del tower
     model.eval()
     context_len = getattr(model.config, "tokenizer_model_max_length", None) or getattr(
         model.config, "max_sequence_length", 2048)

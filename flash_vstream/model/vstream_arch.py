@@ -63,7 +63,9 @@ class VStreamMetaForCausalLM:
         """list of (T_i, 3, H, W) -> list of (T_i, 256, D) CLIP patch features."""
         tower = self.get_vision_tower()
         if tower is None or not tower.is_loaded:
-            raise RuntimeError("raw frames need a loaded vision tower (model.get_model().load_vision_tower())")
+            raise RuntimeError(
+                f"raw frames need the vision tower {self.config.mm_vision_tower!r}, which is not loaded (not found "
+                "locally?): pass features= instead, or load it with model.get_model().load_vision_tower()")
         lengths = [len(x) for x in images]
         features = tower(torch.cat(list(images)))  # (sum T_i, 256, D)
         return list(features.split(lengths))
