@@ -32,6 +32,7 @@ user waits), median / p99 over repeats after warm-up.
 
 import argparse
 import dataclasses
+import faulthandler
 import gc
 import json
 import os
@@ -986,6 +987,9 @@ def parse_args(argv=None):
     p.add_argument("--decode-compile", choices=("auto", "off"), default="auto",
                    help="auto: also try the torch.compile'd decode step inside the CUDA graph (CUDA only)")
     p.add_argument("--time-budget-s", type=float, default=None, help="sections shorten or skip past this")
+    p.add_argument("--hard-limit-s", type=float, default=None,
+                   help="watchdog: dump every thread's traceback and exit after this many seconds, even when "
+                        "stuck inside CUDA (a hung graph capture or compile); default: time budget + 120 s")
     p.add_argument("--fill-budget-s", type=float, default=None, help="time to reach the last stream position")
     p.add_argument("--skip", type=lambda t: tuple(x for x in t.split(",") if x), default=(),
                    help=f"comma-separated sections: {','.join(SECTIONS)}")
@@ -1026,6 +1030,16 @@ def main(argv=None):
     args = parse_args(argv)
     if args.replot:
         return replot(args.output_dir)
+    # A C-level watchdog thread: it fires even while the main thread is blocked in a CUDA call, so a
+    # hang ends with tracebacks and the sections saved so far instead of an outside kill with nothing.
+    faulthandler.dump_traceback_later(args.hard_limit_s or args.time_budget_s + 120, exit=True)
+    try:
+        return run(args, argv)
+    finally:
+        faulthandler.cancel_dump_traceback_later()
+
+
+def run(args, argv=None):
     started = time.perf_counter()
     device = torch.device(args.device)
     if device.type == "cuda" and device.index is None:

@@ -149,3 +149,18 @@ def test_compiled_decode_step_traces_and_matches(tiny_model):
     decoder.setup()
     assert decoder.mode == "compiled_eager", decoder.errors
     assert torch.equal(decoder.generate(ids, memory, max_new_tokens=10), _reference(tiny_model, ids, memory, 10, None))
+
+
+def test_watchdog_ends_a_run_that_overstays(tmp_path):
+    """--hard-limit-s ends the process with tracebacks (a hung CUDA call cannot hold the run past it)."""
+    import subprocess
+    import sys
+    import time
+
+    started = time.time()
+    result = subprocess.run([sys.executable, "-m", "flash_vstream.bench", "--output-dir", str(tmp_path),
+                             "--preset", "tiny", "--device", "cpu", "--hard-limit-s", "0.5"],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode != 0
+    assert "Timeout" in result.stderr and "Thread" in result.stderr
+    assert time.time() - started < 100
