@@ -21,6 +21,7 @@ from .language_model.configuration_vstream import VStreamConfig
 from .language_model.vstream_llama import VStreamLlamaForCausalLM
 
 ADAPTER_FILE = "mm_projector.bin"
+NON_LORA_FILE = "non_lora_trainables.bin"  # projector + Semantic Attention beside a LoRA adapter
 ADAPTER_PREFIXES = ("model.mm_projector.", "model.attention_model.")
 
 
@@ -105,7 +106,7 @@ def load_pretrained_model(model_path, model_base=None, model_name=None, load_8bi
         config = VStreamConfig.from_pretrained(model_path)
         tokenizer = AutoTokenizer.from_pretrained(model_base)
         model = VStreamLlamaForCausalLM.from_pretrained(model_base, config=config, **kwargs)
-        extra = os.path.join(model_path, "non_lora_trainables.bin")
+        extra = os.path.join(model_path, NON_LORA_FILE)
         if os.path.isfile(extra):
             state = torch.load(extra, map_location="cpu", weights_only=True)
             state = {k.removeprefix("base_model.model."): v for k, v in state.items()}

@@ -16,7 +16,7 @@ import transformers
 from transformers import AutoTokenizer, CLIPVisionConfig
 
 from ..model import VStreamConfig, VStreamLlamaForCausalLM
-from ..model.builder import load_adapter_weights
+from ..model.builder import NON_LORA_FILE, load_adapter_weights
 from .dataset import DataCollatorForSupervisedDataset, LazySupervisedDataset
 from .vstream_trainer import VStreamTrainer, save_adapter
 
@@ -190,9 +190,8 @@ def save_outputs(trainer, model, tokenizer, config, training_args):
             config.save_pretrained(out)
     elif training_args.lora_enable:
         base = model.get_base_model()
-        save_adapter(model, out, main)
+        save_adapter(model, out, main, filename=NON_LORA_FILE)
         if main:
-            os.replace(os.path.join(out, "mm_projector.bin"), os.path.join(out, "non_lora_trainables.bin"))
             model.save_pretrained(out)
             base.config.save_pretrained(out)
             tokenizer.save_pretrained(out)

@@ -6,8 +6,7 @@ import torch
 from torch.utils.data import Sampler
 from transformers import Trainer
 
-ADAPTER_PREFIXES = ("model.mm_projector.", "model.attention_model.")
-ADAPTER_FILE = "mm_projector.bin"
+from ..model.builder import ADAPTER_FILE, ADAPTER_PREFIXES
 
 
 def _gathered(params):
@@ -38,11 +37,11 @@ def adapter_state_dict(model):
     return _gathered([(k, p) for k, p in named if k.startswith(ADAPTER_PREFIXES)])
 
 
-def save_adapter(model, output_dir, is_main):
-    state = adapter_state_dict(model)
+def save_adapter(model, output_dir, is_main, filename=ADAPTER_FILE):
+    state = adapter_state_dict(model)  # every rank takes part in a ZeRO-3 gather
     if is_main:
         os.makedirs(output_dir, exist_ok=True)
-        torch.save(state, os.path.join(output_dir, ADAPTER_FILE))
+        torch.save(state, os.path.join(output_dir, filename))
 
 
 class ModalityLengthGroupedSampler(Sampler):
