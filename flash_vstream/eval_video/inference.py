@@ -290,16 +290,12 @@ class InputLoader:
     def _encode_video(self, path, end):
         import torch
 
-        from flash_vstream.mm_utils import process_images
         from flash_vstream.video_io import iter_frames
 
-        aspect = getattr(self.model.config, "image_aspect_ratio", "pad")
         chunks, frames = [], []
 
         def encode():
-            pixels = process_images(frames, self.image_processor, aspect)  # (n, 3, S, S)
-            pixels = pixels.to(self.model.device, self.model.get_vision_tower().dtype)
-            chunks.append(self.model.encode_images([pixels])[0])  # (n, 256, D)
+            chunks.append(self.model.encode_frames(frames, self.image_processor))  # (n, 256, D)
             frames.clear()
 
         # frames are encoded as they are decoded: an hour of video never sits in memory as pixels

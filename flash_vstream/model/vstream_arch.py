@@ -5,10 +5,9 @@ frames (T, 3, H, W) --CLIP--> features (T, 256, D) --STAR memory--> tokens (N <=
 """
 
 import torch
-from torch import nn
 
 from ..constants import IMAGE_TOKEN_INDEX
-from ..mm_utils import expand_image_tokens
+from ..mm_utils import expand_image_tokens, process_images
 from .memory import SemanticAttention, STARMemory
 from .multimodal_encoder.builder import build_vision_tower
 from .multimodal_projector.builder import build_vision_projector
@@ -69,6 +68,11 @@ class VStreamMetaForCausalLM:
         lengths = [len(x) for x in images]
         features = tower(torch.cat(list(images)))  # (sum T_i, 256, D)
         return list(features.split(lengths))
+
+    def encode_frames(self, frames, image_processor):
+        """uint8 (H, W, 3) frames (or PIL images) -> (T, 256, D), preprocessed as the config says."""
+        pixels = process_images(frames, image_processor, self.config.image_aspect_ratio)  # (T, 3, S, S)
+        return self.encode_images([pixels])[0]  # (T, 256, D)
 
     # --- features -> memory tokens ------------------------------------------------------------
     def build_memory(self, features, seed=0):

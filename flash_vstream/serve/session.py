@@ -24,7 +24,7 @@ from transformers.generation.streamers import BaseStreamer
 
 from ..constants import DEFAULT_IMAGE_TOKEN
 from ..conversation import conv_templates
-from ..mm_utils import KeywordsStoppingCriteria, process_images, tokenizer_image_token
+from ..mm_utils import KeywordsStoppingCriteria, tokenizer_image_token
 from ..model.memory import STARMemory
 
 TIME_EPS = 1e-6  # seconds: a question at t and a frame at t are simultaneous (the frame counts)
@@ -176,8 +176,7 @@ class StreamSession:
         if self.image_processor is None:
             raise RuntimeError("raw frames need the vision tower and its image processor; this model was loaded "
                                "without them (see mm_vision_tower); feed precomputed features instead")
-        pixels = process_images(frames, self.image_processor, self.model.config.image_aspect_ratio)  # (T, 3, S, S)
-        return self.model.get_vision_tower()(pixels)  # (T, 256, D)
+        return self.model.encode_frames(frames, self.image_processor)  # (T, 256, D)
 
     def add_frame(self, frame, timestamp=None):
         """Encode one frame, update the memory with it, publish and return the new snapshot."""
