@@ -25,7 +25,7 @@ NON_LORA_FILE = "non_lora_trainables.bin"  # projector + Semantic Attention besi
 ADAPTER_PREFIXES = ("model.mm_projector.", "model.attention_model.")
 
 
-def _model_type(path):
+def model_type_of(path):
     config_file = os.path.join(path, "config.json")
     if not os.path.isfile(config_file):
         raise FileNotFoundError(f"{path}: no config.json (expected a model directory)")
@@ -117,7 +117,7 @@ def load_pretrained_model(model_path, model_base=None, model_name=None, load_8bi
         tokenizer = AutoTokenizer.from_pretrained(model_base)
         model = VStreamLlamaForCausalLM.from_pretrained(model_base, config=config, **kwargs)
         load_adapter_weights(model, os.path.join(model_path, ADAPTER_FILE))
-    elif _model_type(model_path) == VStreamConfig.model_type:
+    elif model_type_of(model_path) == VStreamConfig.model_type:
         tokenizer = AutoTokenizer.from_pretrained(model_base or model_path)
         model = VStreamLlamaForCausalLM.from_pretrained(model_path, **kwargs)
     else:

@@ -6,8 +6,6 @@ plus that adapter (`--pretrain_mm_mlp_adapter`) and trains everything but the vi
 LoRA adapters with `--lora_enable`.
 """
 
-import json
-import os
 import pathlib
 from dataclasses import dataclass, field, fields
 
@@ -16,7 +14,7 @@ import transformers
 from transformers import AutoTokenizer, CLIPVisionConfig
 
 from ..model import VStreamConfig, VStreamLlamaForCausalLM
-from ..model.builder import NON_LORA_FILE, load_adapter_weights
+from ..model.builder import NON_LORA_FILE, load_adapter_weights, model_type_of
 from .dataset import DataCollatorForSupervisedDataset, LazySupervisedDataset
 from .vstream_trainer import VStreamTrainer, save_adapter
 
@@ -103,9 +101,7 @@ def parse_args(argv=None):
 def build_config(model_args, data_args, training_args):
     """The checkpoint's config with the memory and vision settings of this run applied."""
     config = VStreamConfig.from_pretrained(model_args.model_name_or_path)
-    with open(os.path.join(model_args.model_name_or_path, "config.json")) as f:
-        is_vstream = json.load(f).get("model_type") == VStreamConfig.model_type
-    if not is_vstream:
+    if model_type_of(model_args.model_name_or_path) != VStreamConfig.model_type:
         config.memory_mode = "paper"  # a plain LLM: this project's memory unless asked otherwise
     for name in CONFIG_FIELDS:
         value = getattr(model_args, name)
