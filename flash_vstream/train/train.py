@@ -98,6 +98,18 @@ def parse_args(argv=None):
     return parser.parse_args_into_dataclasses(args=argv)
 
 
+def init_deepspeed_comm(training_args):
+    """Several CPU processes under DeepSpeed: accelerate sets up torch.distributed (gloo) but not
+    deepspeed.comm, so ZeRO-3's `zero.Init` inside `from_pretrained` would count a world of 1 and refuse
+    the batch sizes. On GPUs accelerate initialises it itself and this does nothing."""
+    if not training_args.deepspeed or training_args.world_size < 2:
+        return
+    from deepspeed import comm
+
+    if not comm.is_initialized():
+        comm.init_distributed(dist_backend=torch.distributed.get_backend(), auto_mpi_discovery=False)
+
+
 def build_config(model_args, data_args, training_args):
     """The checkpoint's config with the memory and vision settings of this run applied."""
     config = VStreamConfig.from_pretrained(model_args.model_name_or_path)
@@ -197,8 +209,10 @@ def save_outputs(trainer, model, tokenizer, config, training_args):
             tokenizer.save_pretrained(out)
 
 
-def train(argv=None):
+def train(argv=None, callbacks=None):
+    """Run one stage from command-line flags; `callbacks`: extra `TrainerCallback`s (benchmarks, logging)."""
     model_args, data_args, training_args = parse_args(argv)
+    init_deepspeed_comm(training_args)
     model, tower = build_model(model_args, data_args, training_args)
     config = (model.get_base_model() if training_args.lora_enable else model).config
     tokenizer = build_tokenizer(model_args, training_args)
@@ -209,7 +223,8 @@ def train(argv=None):
         video_fps=config.video_fps, model_max_length=training_args.model_max_length,
         skip_bad_samples=data_args.skip_bad_samples)
     trainer = VStreamTrainer(model=model, args=training_args, train_dataset=dataset,
-                             data_collator=DataCollatorForSupervisedDataset(tokenizer.pad_token_id))
+                             data_collator=DataCollatorForSupervisedDataset(tokenizer.pad_token_id),
+                             callbacks=callbacks)
     resume = training_args.resume_from_checkpoint
     if resume == "auto":  # pick up the newest checkpoint-* of output_dir, if any
         resume = bool(list(pathlib.Path(training_args.output_dir).glob("checkpoint-*"))) or None
