@@ -44,6 +44,7 @@ def test_bench_tiny_cpu_end_to_end(tmp_path):
         for key in ("ingest_ms", "ttft_ms", "answer_ms"):
             assert p[key]["stock"]["n"] >= 1 and p[key]["optimised"]["p99"] > 0
         assert p["update_ms"]["n"] == 2
+        assert p["ttft_ms"]["optimised_uncached"]["n"] >= 1 and p["prefix_refresh_ms"]["p50"] > 0
         assert set(p["peak_mem_gb"]) == {"stock", "optimised"}  # None on CPU
     assert streaming["positions"][-1]["memory_tokens"] == 681
 
@@ -138,6 +139,38 @@ def test_fast_decoder_serves_several_questions(tiny_model):
                        _reference(tiny_model, ids, memory, 5, None))
     with pytest.raises(ValueError):
         decoder.generate(prompts[0][0], prompts[0][1], max_new_tokens=400)  # 685 + 400 > 1024
+
+
+def test_cached_prefix_answers_like_a_full_prefill(tiny_model):
+    """The system text + memory kept in the cache: questions run only their own tokens, give the tokens
+    `generate` gives, and leave the prefix intact for the next question; a new memory is never answered
+    from the old prefix."""
+    torch.manual_seed(4)
+    decoder = GreedyDecoder(tiny_model, max_cache_len=1024)
+    prefix = torch.tensor([1, 45, 9, IMAGE_TOKEN_INDEX])
+    memory = torch.randn(681, 32)
+    assert decoder.cache_prefix(prefix, memory) == 3 + 681
+    questions = [torch.tensor([17, 33, 4, 250]), torch.tensor([88, 2, 61]), torch.tensor([17, 33, 4, 250])]
+    for question in questions:
+        ids = torch.cat([prefix, question])
+        assert decoder.prefix_matches(ids, memory)
+        expected = _reference(tiny_model, ids, memory, 12, None)
+        assert torch.equal(decoder.generate(ids, memory, max_new_tokens=12), expected)
+    assert decoder.prefix_matches(torch.cat([prefix, questions[0]]), memory)  # answers did not clobber it
+
+    newer = memory.clone()  # same values, another snapshot: identity decides, never a stale cache
+    ids = torch.cat([prefix, questions[1]])
+    assert not decoder.prefix_matches(ids, newer)
+    other = torch.randn(681, 32)
+    assert torch.equal(decoder.generate(ids, other, max_new_tokens=6), _reference(tiny_model, ids, other, 6, None))
+    assert not decoder.prefix_matches(ids, memory)  # the full prefill overwrote the prefix's slots
+    assert not decoder.prefix_matches(torch.tensor([1, 46, 9, IMAGE_TOKEN_INDEX, 5]), other)
+
+    with pytest.raises(ValueError, match="<image>"):
+        decoder.cache_prefix(torch.tensor([1, IMAGE_TOKEN_INDEX, 5]), memory)  # must end at the placeholder
+    decoder.cache_prefix(prefix, memory)
+    with pytest.raises(ValueError, match="no <image>"):
+        decoder.prefill(torch.cat([prefix, torch.tensor([IMAGE_TOKEN_INDEX])]), memory)
 
 
 def test_compiled_decode_step_traces_and_matches(tiny_model):

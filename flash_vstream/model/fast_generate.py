@@ -97,6 +97,7 @@ class GreedyDecoder:
         self._step_model = model  # what the decode step calls: the model, or its compiled wrapper
         self._graph = None
         self._length = None  # prompt length of the current answer
+        self._prefix = None  # (ids, memory, length) of the prompt prefix kept in cache slots [0, length)
         self._ready = not (self.cuda_graph or self.compile_step)  # nothing to set up for the plain loop
 
     # --- setup: compile, warm up, capture -----------------------------------------------------------
@@ -158,20 +159,68 @@ class GreedyDecoder:
         kwargs[self._cache_kw] = self._cache
         return model(use_cache=True, logits_to_keep=1, **kwargs).logits[:, -1]  # (1, vocab)
 
-    @torch.inference_mode()
-    def prefill(self, input_ids, memory=None):
-        """Run the prompt through the model into the static cache; returns the first new token (1,) on device."""
-        self.setup()
-        embeds = self.embed(input_ids, memory)  # (1, P, hidden)
-        length = embeds.shape[1]
+    def _set_cache_length(self, length):
+        """Point every layer's write position at `length` (in place, so a captured graph stays valid)."""
+        for layer in self._cache.layers:
+            layer.cumulative_length.fill_(length)
+
+    def _run_prompt(self, embeds, start):
+        """Embeddings (1, P, hidden) at positions start.. -> the first new token (1,); K/V into the cache."""
+        length = start + embeds.shape[1]
         if length >= self.max_cache_len:
             raise ValueError(f"prompt of {length} tokens does not fit max_cache_len={self.max_cache_len}")
-        self._cache.reset()  # in place: the captured step keeps pointing at the same K/V tensors
-        positions = torch.arange(length, device=self.device)  # (P,)
+        if start:
+            self._set_cache_length(start)
+        else:
+            self._cache.reset()  # in place: the captured step keeps pointing at the same K/V tensors
+        positions = torch.arange(start, length, device=self.device)  # (P,)
         # explicit causal mask over the whole static cache: no dependence on transformers' mask helpers
-        mask = (self._slots[None, :] <= positions[:, None]).view(1, 1, length, -1)  # (1, 1, P, L)
+        mask = (self._slots[None, :] <= positions[:, None]).view(1, 1, len(positions), -1)  # (1, 1, P, L)
         first = self._forward(self.model, inputs_embeds=embeds, position_ids=positions[None], attention_mask=mask)
-        first = first.argmax(dim=-1)  # (1,)
+        return first.argmax(dim=-1), length  # (1,)
+
+    @torch.inference_mode()
+    def cache_prefix(self, prefix_ids, memory=None):
+        """Run the prompt's prefix -- everything up to and including `<image>`, i.e. the system text and the
+        memory -- into the cache and keep it there. A later `prefill` whose prompt starts with the same ids
+        and the same `memory` tensor (by identity: snapshots are never mutated) runs only its own
+        remaining tokens: a question costs a few tokens of prefill instead of ~700. Answers write
+        their tokens after the prefix, so it survives any number of questions. Returns its length."""
+        self.setup()
+        ids = prefix_ids.reshape(-1).cpu()
+        if (ids == IMAGE_TOKEN_INDEX).sum() != (0 if memory is None else 1) or (
+                memory is not None and ids[-1] != IMAGE_TOKEN_INDEX):
+            raise ValueError("a cached prefix ends with the prompt's one <image> placeholder (or has none "
+                             "and no memory)")
+        self._prefix = None
+        _, length = self._run_prompt(self.embed(ids, memory), 0)
+        self._prefix = (ids.tolist(), memory, length)
+        self._length = None  # the next decode needs a prefill
+        return length
+
+    def prefix_matches(self, input_ids, memory=None):
+        """Whether `prefill(input_ids, memory)` would reuse the cached prefix."""
+        if self._prefix is None:
+            return False
+        ids, cached_memory, _ = self._prefix
+        head = input_ids.reshape(-1)[:len(ids)]
+        return cached_memory is memory and len(head) == len(ids) and head.tolist() == ids
+
+    @torch.inference_mode()
+    def prefill(self, input_ids, memory=None):
+        """Run the prompt through the model into the static cache; returns the first new token (1,) on device.
+        Only the tokens after a matching `cache_prefix` run; otherwise the whole prompt does (and any
+        cached prefix is dropped, its slots being overwritten)."""
+        self.setup()
+        if self.prefix_matches(input_ids, memory):
+            ids, _, start = self._prefix
+            rest = input_ids.reshape(-1)[len(ids):]
+            if len(rest) == 0 or bool((rest == IMAGE_TOKEN_INDEX).any()):
+                raise ValueError("the prompt after a cached prefix needs >= 1 token and no <image>")
+            first, length = self._run_prompt(self.embed(rest), start)
+        else:
+            self._prefix = None
+            first, length = self._run_prompt(self.embed(input_ids, memory), 0)
         self._ids.copy_(first.view(1, 1))
         self._pos.fill_(length)
         self._count.fill_(1)
