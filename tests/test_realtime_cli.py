@@ -51,7 +51,8 @@ def test_scripted_cli_gives_the_core_answers(tiny_model_dir, example_mp4, tmp_pa
     out, log, plot = tmp_path / "a.jsonl", tmp_path / "log.jsonl", tmp_path / "memory.png"
     result = _run_cli(["--model-path", tiny_model_dir, "--video-file", example_mp4, "--questions", qfile,
                        "--output", str(out), "--max-frames", "8", "--play_speed", "50", "--device", "cpu",
-                       "--max-new-tokens", "8", "--log-file", str(log), "--memory-plot", str(plot)])
+                       "--max-new-tokens", "8", "--log-file", str(log), "--memory-plot", str(plot),
+                       "--fast", "on"])  # the CUDA path (forced on here) against the stock core below
     assert result.returncode == 0, result.stderr[-3000:]
     with open(out) as f:
         records = [json.loads(line) for line in f]
@@ -61,7 +62,7 @@ def test_scripted_cli_gives_the_core_answers(tiny_model_dir, example_mp4, tmp_pa
         assert {"time", "question", "answer", "frames_seen", "memory_tokens", "latency_s", "ttft_s"} <= set(r)
         assert r["latency_s"] >= r["ttft_s"] > 0
 
-    # the same timeline through the synchronous core, in this process
+    # the same timeline through the synchronous core (stock path), in this process
     tokenizer, model, image_processor, _ = load_pretrained_model(tiny_model_dir, device="cpu")
     session = StreamSession(model, tokenizer, image_processor, max_new_tokens=8)
     frames = [item for item, _ in zip(iter_frames(example_mp4, fps=1.0), range(8))]

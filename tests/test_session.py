@@ -157,6 +157,43 @@ def test_fresh_and_continuing_conversations(loaded, stream):
     assert tight.ask("what is in the video?").memory_tokens == tight.snapshot().num_tokens
 
 
+@pytest.mark.parametrize("conversation", ["fresh", "continue"])
+def test_fast_path_gives_the_stock_answers(loaded, stream, conversation):
+    """FastVisionEncoder + GreedyDecoder with the prefix kept in the cache (what runs on CUDA), forced on
+    here: the same features, snapshots, answer texts and token counts as the stock path."""
+    stock = _session(loaded, conversation=conversation)
+    fast = _session(loaded, conversation=conversation, fast=True)
+    frames = [f for f, _ in stream[:3]]
+    assert torch.equal(fast.encode(frames), stock.encode(frames))
+    for frame, t in stream[:4]:
+        stock.add_frame(frame, t)
+        fast.add_frame(frame, t)
+        # the ingest side ran the prompt prefix over the new memory
+        assert fast._decoder.prefix_matches(fast.prefix_ids(), fast.snapshot().tokens)
+    assert torch.equal(fast.snapshot().tokens, stock.snapshot().tokens)
+    questions = ["what is in the video?", "describe the video.", "what is in the video?"]
+    for q in questions:
+        pieces = []
+        a, b = stock.ask(q), fast.ask(q, on_text=pieces.append)
+        assert (b.text, b.new_tokens, b.memory_tokens) == (a.text, a.new_tokens, a.memory_tokens)
+        assert "".join(pieces).strip() == b.text
+        assert b.ttft_s is not None and 0 < b.ttft_s <= b.answer_s
+    # a frame published while an answer held the decoder: the question runs the prefix itself
+    with fast._decoder_lock:
+        fast.add_frame(*stream[4])
+    stock.add_frame(*stream[4])
+    assert not fast._decoder.prefix_matches(fast.prefix_ids(), fast.snapshot().tokens)
+    assert fast.ask("describe the video.").text == stock.ask("describe the video.").text
+    assert fast.ask("what?", should_stop=lambda: True).new_tokens == 1
+
+
+def test_fast_path_falls_back_for_sampling(loaded, stream):
+    sampled = _session(loaded, fast=True, temperature=0.7)
+    sampled.add_frame(*stream[0])
+    assert sampled._decoder is None  # no greedy decoder for a sampling session
+    assert sampled.ask("what is in the video?").new_tokens >= 1
+
+
 def test_snapshot_is_swapped_atomically_under_concurrent_ingest(loaded, stream):
     session = _session(loaded)
     session.add_frame(*stream[0])

@@ -98,6 +98,7 @@ class GreedyDecoder:
         self._graph = None
         self._length = None  # prompt length of the current answer
         self._prefix = None  # (ids, memory, length) of the prompt prefix kept in cache slots [0, length)
+        self._generated = 0  # tokens generated since the last prefill (host-side count)
         self._ready = not (self.cuda_graph or self.compile_step)  # nothing to set up for the plain loop
 
     # --- setup: compile, warm up, capture -----------------------------------------------------------
@@ -226,6 +227,7 @@ class GreedyDecoder:
         self._count.fill_(1)
         self._tokens[:1].copy_(first)
         self._length = length
+        self._generated = 1
         return first
 
     # --- decode -----------------------------------------------------------------------------------
@@ -246,8 +248,8 @@ class GreedyDecoder:
         steps) once an EOS is among the tokens. Returns the steps run."""
         if self._length is None:
             raise RuntimeError("decode() before prefill()")
-        if self._length + 1 + steps > self.max_cache_len:
-            raise ValueError(f"{self._length} prompt + {steps + 1} new tokens exceed "
+        if self._length + self._generated + steps > self.max_cache_len:
+            raise ValueError(f"{self._length} prompt + {self._generated + steps} new tokens exceed "
                              f"max_cache_len={self.max_cache_len}")
         eos = None if eos_token_id is None else torch.tensor(
             [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id), device=self.device)
@@ -257,9 +259,15 @@ class GreedyDecoder:
             else:
                 self._step()
             if eos is not None and done % self.check_every == 0:  # host sync, only when an EOS can end the answer
-                if bool(torch.isin(self._tokens[:done + 1], eos).any()):
+                if bool(torch.isin(self._tokens[:self._generated + done], eos).any()):
+                    self._generated += done
                     return done
+        self._generated += steps
         return steps
+
+    def tokens(self):
+        """The tokens generated since the last `prefill` (a host read: it waits for the GPU)."""
+        return self._tokens[:self._generated].tolist()
 
     @torch.inference_mode()
     def generate(self, input_ids, memory=None, max_new_tokens=64, eos_token_id=None):
@@ -267,8 +275,8 @@ class GreedyDecoder:
         if max_new_tokens < 1:
             return torch.zeros(1, 0, dtype=torch.long, device=self.device)
         self.prefill(input_ids, memory)
-        done = self.decode(max_new_tokens - 1, eos_token_id)
-        tokens = self._tokens[:done + 1].tolist()  # the one host read of the answer
+        self.decode(max_new_tokens - 1, eos_token_id)
+        tokens = self.tokens()  # the one host read of the answer
         if eos_token_id is not None:
             eos = {eos_token_id} if isinstance(eos_token_id, int) else set(eos_token_id)
             end = next((i for i, t in enumerate(tokens) if t in eos), None)

@@ -615,6 +615,12 @@ def build_parser():
     p.add_argument("--load-4bit", action="store_true")
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
     p.add_argument("--seed", type=int, default=0, help="memory k-means seed (and synthetic source seed)")
+    p.add_argument("--fast", choices=("auto", "on", "off"), default="auto",
+                   help="CLIP CUDA graph + static-cache greedy decoder with the memory prefix kept in the KV "
+                        "cache (auto: on CUDA); same answers, lower latency")
+    p.add_argument("--no-compile-decode", dest="compile_decode", action="store_false",
+                   help="fast path: skip torch.compile of the decode step (~40 s at start on a 7B; ~25%% "
+                        "fewer tokens/s without it)")
     p.add_argument("--video_max_frames", type=int, default=None,
                    help="accepted for the published script; no effect (the published CLI ignored it too)")
     return p
@@ -634,7 +640,11 @@ def _load_session(args):
     session = StreamSession(model, tokenizer, image_processor, conv_mode=args.conv_mode,
                             temperature=args.temperature, top_p=args.top_p, max_new_tokens=args.max_new_tokens,
                             conversation=args.conversation, video_fps=args.video_fps, context_len=context_len,
-                            seed=args.seed)
+                            seed=args.seed, fast=None if args.fast == "auto" else args.fast == "on",
+                            compile_decode=args.compile_decode)
+    if session.fast:
+        print("preparing the fast path (CUDA graphs; compiling the decode step) ...", file=sys.stderr, flush=True)
+        session.warm_up()
     return session, device
 
 

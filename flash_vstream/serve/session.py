@@ -11,6 +11,16 @@ Nothing here sleeps, starts threads or lets a clock decide anything (clocks only
 frames and questions give the same snapshots and, at temperature 0 (greedy), the same answers.
 The process shell (`cli_video_stream.py`) calls the ingest side and the answer side from two
 threads; the only state they share is the published snapshot, swapped under a lock.
+
+The fast path (`fast=True`; the default on CUDA) changes how, never what, is computed:
+- one frame is encoded by `FastVisionEncoder` (stops at the selected CLIP layer; a CUDA graph);
+- greedy answers come from a `GreedyDecoder` (static KV cache, CUDA-graphed decode step), and every
+  answer runs as prefix + question: the prompt through `<image>` (system text + memory) is kept in the
+  decoder's cache by `cache_prefix`, so a question prefills only its own tokens. After each published
+  frame the ingest side refreshes that prefix when the decoder is free, which takes the ~700-token
+  prefill off the question's path; when it could not (an answer was running), the question runs it
+  first. Either way the same two calls compute the answer, so timing never changes a token.
+Sampling (temperature > 0) and templates whose stop string is not EOS use `model.generate`.
 """
 
 import bisect
@@ -22,13 +32,16 @@ import torch
 from transformers import StoppingCriteria, StoppingCriteriaList
 from transformers.generation.streamers import BaseStreamer
 
-from ..constants import DEFAULT_IMAGE_TOKEN
+from ..constants import DEFAULT_IMAGE_TOKEN, IMAGE_TOKEN_INDEX
 from ..conversation import conv_templates
-from ..mm_utils import KeywordsStoppingCriteria, tokenizer_image_token
-from ..model.memory import STARMemory
+from ..mm_utils import KeywordsStoppingCriteria, process_images, tokenizer_image_token
+from ..model.fast_generate import GreedyDecoder
+from ..model.memory import STARMemory, memory_num_tokens
+from ..model.multimodal_encoder.fast_encoder import FastVisionEncoder
 
 TIME_EPS = 1e-6  # seconds: a question at t and a frame at t are simultaneous (the frame counts)
 CONVERSATION_MODES = ("fresh", "continue")
+PROMPT_ROOM = 256  # fast path: cache room for the prompt text (system, question, history) beside memory + answer
 
 
 @dataclasses.dataclass(frozen=True)
@@ -102,9 +115,10 @@ class _TextStreamer(BaseStreamer):
         if not self._prompt_seen:  # generate() first pushes the prompt (empty with inputs_embeds)
             self._prompt_seen = True
             return
+        ids = value.reshape(-1).tolist()  # a host read: the tokens exist from here on
         if self.first_token_time is None:
             self.first_token_time = time.perf_counter()
-        self.ids.extend(value.reshape(-1).tolist())
+        self.ids.extend(ids)
         self._emit(final=False)
 
     def end(self):
@@ -145,7 +159,8 @@ class StreamSession:
     """
 
     def __init__(self, model, tokenizer, image_processor=None, conv_mode="vicuna_v1", temperature=0.0,
-                 top_p=None, max_new_tokens=512, conversation="fresh", video_fps=None, context_len=None, seed=0):
+                 top_p=None, max_new_tokens=512, conversation="fresh", video_fps=None, context_len=None, seed=0,
+                 fast=None, compile_decode=True):
         if conversation not in CONVERSATION_MODES:
             raise ValueError(f"conversation must be one of {CONVERSATION_MODES}, got {conversation!r}")
         if conv_mode not in conv_templates:
@@ -168,6 +183,24 @@ class StreamSession:
         self._snapshot = None
         self._lock = threading.Lock()
         self._stop_text = self._stop_string()
+        self.fast = model.device.type == "cuda" if fast is None else bool(fast)
+        self.compile_decode = bool(compile_decode)
+        self._vision = None  # FastVisionEncoder, built at the first frame
+        self._decoder = None  # GreedyDecoder, built at the first greedy answer (or warm_up)
+        self._decoder_lock = threading.Lock()  # the decoder's cache is one state: one user at a time
+        self._prefix_ids = None
+
+    def warm_up(self):
+        """Build the fast path now (CLIP graph capture; decode-step compile and capture, ~40 s on a 7B with
+        `compile_decode`) instead of at the first frame and question."""
+        if not self.fast:
+            return self
+        if self.image_processor is not None:
+            self._fast_vision()
+        if self._uses_decoder():
+            with self._decoder_lock:
+                self._get_decoder().setup()
+        return self
 
     # --- ingest side ----------------------------------------------------------------------------
     @torch.inference_mode()
@@ -176,7 +209,20 @@ class StreamSession:
         if self.image_processor is None:
             raise RuntimeError("raw frames need the vision tower and its image processor; this model was loaded "
                                "without them (see mm_vision_tower); feed precomputed features instead")
-        return self.model.encode_frames(frames, self.image_processor)  # (T, 256, D)
+        if not self.fast:
+            return self.model.encode_frames(frames, self.image_processor)  # (T, 256, D)
+        pixels = process_images(frames, self.image_processor, self.model.config.image_aspect_ratio)  # (T, 3, S, S)
+        return self._fast_vision()(pixels)  # (T, 256, D); one frame: the CUDA graph
+
+    def _fast_vision(self):
+        if self._vision is None:
+            tower = self.model.get_vision_tower()
+            if tower is None or not tower.is_loaded:
+                return self.model.encode_images  # raises the model's own "tower not loaded" error on use
+            self._vision = FastVisionEncoder(tower.vision_tower, tower.select_layer, tower.select_feature)
+            if self._vision.device.type == "cuda":
+                self._vision.capture(tower.config.image_size)  # failure: recorded in graph_error, eager is used
+        return self._vision
 
     def add_frame(self, frame, timestamp=None):
         """Encode one frame, update the memory with it, publish and return the new snapshot."""
@@ -213,7 +259,17 @@ class StreamSession:
                                   temporal_spans=self.memory.temporal_spans())
         with self._lock:
             self._snapshot = snapshot
+        self._refresh_prefix(snapshot)
         return snapshot
+
+    def _refresh_prefix(self, snapshot):
+        """Fast path: run the prompt prefix over the new memory now, unless an answer holds the decoder."""
+        if not (self.fast and self._uses_decoder()) or not self._decoder_lock.acquire(blocking=False):
+            return
+        try:
+            self._get_decoder().cache_prefix(self.prefix_ids(), snapshot.tokens)
+        finally:
+            self._decoder_lock.release()
 
     # --- answer side ----------------------------------------------------------------------------
     def snapshot(self):
@@ -247,6 +303,27 @@ class StreamSession:
                 return ids
             history = history[1:]  # the oldest exchange no longer fits
 
+    def prefix_ids(self):
+        """(P,) the prompt through its `<image>`: the same for every question (the image sits in the first
+        user turn, and `tokenizer_image_token` tokenizes the text on each side of it separately)."""
+        if self._prefix_ids is None:
+            ids = tokenizer_image_token(self.prompt(""), self.tokenizer, return_tensors="pt")
+            at = int((ids == IMAGE_TOKEN_INDEX).nonzero()[0, 0])
+            self._prefix_ids = ids[:at + 1]
+        return self._prefix_ids
+
+    def _uses_decoder(self):
+        return self.temperature == 0 and self._stop_text is None
+
+    def _get_decoder(self):
+        if self._decoder is None:
+            memory_tokens = memory_num_tokens(10**6, self.model.config)  # the bound a long stream reaches
+            size = min(self.context_len, memory_tokens + PROMPT_ROOM + self.max_new_tokens)
+            cuda = self.model.device.type == "cuda"
+            self._decoder = GreedyDecoder(self.model, max_cache_len=size, cuda_graph=cuda,
+                                          compile_step=cuda and self.compile_decode)
+        return self._decoder
+
     @torch.inference_mode()
     def ask(self, question, snapshot=None, on_text=None, should_stop=None):
         """Answer `question` from `snapshot` (default: the latest). `on_text(piece)` receives the answer
@@ -255,8 +332,15 @@ class StreamSession:
         snapshot = self.snapshot() if snapshot is None else snapshot
         if snapshot is None:
             raise RuntimeError("no frames in memory yet: nothing to answer from")
-        ids = self._prompt_ids(question, snapshot.num_tokens)[None].to(self.model.device)  # (1, L)
+        ids = self._prompt_ids(question, snapshot.num_tokens)  # (L,) on the CPU
         streamer = _TextStreamer(self.tokenizer, on_text)
+        if self.fast and self._uses_decoder():
+            with self._decoder_lock:
+                decoder = self._get_decoder()
+                if len(ids) - 1 + snapshot.num_tokens + self.max_new_tokens < decoder.max_cache_len:
+                    return self._answer(self._fast_generate(decoder, ids, snapshot, streamer, should_stop),
+                                        question, snapshot, streamer, start)
+        ids = ids[None].to(self.model.device)  # (1, L)
         stopping = []
         if self._stop_text is not None:
             stopping.append(KeywordsStoppingCriteria([self._stop_text], self.tokenizer, ids[:, :0]))
@@ -272,16 +356,39 @@ class StreamSession:
         if stopping:
             kwargs["stopping_criteria"] = StoppingCriteriaList(stopping)
         out = self.model.generate(ids, memory=[snapshot.tokens], **kwargs)  # (1, new tokens)
+        return self._answer(out[0].tolist(), question, snapshot, streamer, start)
+
+    def _fast_generate(self, decoder, ids, snapshot, streamer, should_stop):
+        """Greedy tokens from the decoder: prefix (kept or run now) + question, then the decode step in
+        chunks of `check_every` tokens, each handed to the streamer. Same tokens as `generate`."""
+        if not decoder.prefix_matches(ids, snapshot.tokens):
+            decoder.cache_prefix(self.prefix_ids(), snapshot.tokens)
+        streamer.put(None)  # the streamer skips its first put (generate's prompt)
+        streamer.put(decoder.prefill(ids, snapshot.tokens))
+        eos = self.tokenizer.eos_token_id
+        tokens = decoder.tokens()
+        while len(tokens) < self.max_new_tokens and eos not in tokens:
+            if should_stop is not None and should_stop():
+                break
+            decoder.decode(min(decoder.check_every, self.max_new_tokens - len(tokens)), eos)
+            new = decoder.tokens()
+            streamer.put(torch.tensor(new[len(tokens):]))
+            tokens = new
+        if eos in tokens:
+            tokens = tokens[:tokens.index(eos) + 1]
+        streamer.end()
+        return tokens
+
+    def _answer(self, new_ids, question, snapshot, streamer, start):
         end = time.perf_counter()
-        text = self.tokenizer.decode(out[0], skip_special_tokens=True).strip()
+        text = self.tokenizer.decode(new_ids, skip_special_tokens=True).strip()
         if self._stop_text is not None and text.endswith(self._stop_text):
             text = text[: -len(self._stop_text)].strip()
         if self.conversation == "continue":
             self._history.append((question, text))
         ttft = None if streamer.first_token_time is None else streamer.first_token_time - start
         return Answer(question=question, text=text, frames_seen=snapshot.frames_seen, stream_time=snapshot.stream_time,
-                      memory_tokens=snapshot.num_tokens, new_tokens=int(out.shape[1]), ttft_s=ttft,
-                      answer_s=end - start)
+                      memory_tokens=snapshot.num_tokens, new_tokens=len(new_ids), ttft_s=ttft, answer_s=end - start)
 
     # --- a whole scripted timeline, synchronously -------------------------------------------------
     def run_timeline(self, frames, questions, on_answer=None):
