@@ -187,7 +187,9 @@ class Bench:
 
     def new_decoder(self, memory_tokens, cuda_graph, compile_step):
         need = len(self.prompt_ids) - 1 + memory_tokens + max(self.args.answer_tokens, self.preset["decode_steps"]) + 2
-        return GreedyDecoder(self.model, max_cache_len=need, cuda_graph=cuda_graph, compile_step=compile_step)
+        options = {"mode": self.args.decode_compile_mode} if self.args.decode_compile_mode else None
+        return GreedyDecoder(self.model, max_cache_len=need, cuda_graph=cuda_graph, compile_step=compile_step,
+                             compile_options=options)
 
     def get_decoder(self, memory_tokens):
         """The decoder the decode section found fastest (a default one if that section did not run)."""
@@ -376,7 +378,7 @@ def section_decode(b, out):
     device, answer, reps = b.device, b.args.answer_tokens, b.preset["repeats"]
     tokens = snapshot_tokens(b)
     out.update(memory_tokens=int(tokens.shape[0]), prompt_tokens=len(b.prompt_ids) - 1 + int(tokens.shape[0]),
-               answer_tokens=answer, variants={})
+               answer_tokens=answer, variants={}, compile_mode=b.args.decode_compile_mode or "default")
     # stock: HF generate, default (dynamic) cache
     b.stock_generate(tokens, 2)  # warm-up
     first = [timed_ms(device, b.stock_generate, tokens, 1)[0] for _ in range(reps)]
@@ -642,7 +644,8 @@ def section_extraction(b, out):
         want = False
     if want:
         try:
-            b.fast_vision.compile()
+            b.fast_vision.compile(mode=b.args.clip_compile_mode)
+            out["compile_mode"] = b.args.clip_compile_mode or "default"
             x = b.random_pixels(max(2, min(b.args.batches)))
             ms, y = timed_ms(b.device, b.fast_vision, x)
             out["compile_s"] = round(ms / 1e3, 1)
@@ -936,6 +939,10 @@ def parse_args(argv=None):
     p.add_argument("--clip-compile", choices=("auto", "on", "off"), default="auto", help="auto: on CUDA only")
     p.add_argument("--decode-compile", choices=("auto", "off"), default="auto",
                    help="auto: also try the torch.compile'd decode step inside the CUDA graph (CUDA only)")
+    p.add_argument("--decode-compile-mode", default=None,
+                   help="torch.compile mode of the decode step (e.g. max-autotune-no-cudagraphs; default: inductor's)")
+    p.add_argument("--clip-compile-mode", default=None,
+                   help="torch.compile mode of the batched CLIP layers (e.g. max-autotune-no-cudagraphs)")
     p.add_argument("--time-budget-s", type=float, default=None, help="sections shorten or skip past this")
     p.add_argument("--hard-limit-s", type=float, default=None,
                    help="watchdog: dump every thread's traceback and exit after this many seconds, even when "
