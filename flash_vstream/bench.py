@@ -563,11 +563,16 @@ def measure_position(b, memory, position, out):
     reset_peak(device)
     # a question right after a frame, before the session re-ran the prefix: the whole prompt
     cold_first = [timed_ms(device, decoder.prefill, b.prompt_ids, tokens)[0] for _ in range(reps)]
+    uncached_answer = decoder.generate(b.prompt_ids, tokens, answer)[0].tolist()
     # what the session runs after each published frame: system text + memory into the cache
     refresh = [timed_ms(device, decoder.cache_prefix, b.prefix_ids, tokens)[0] for _ in range(reps)]
     # a question over the cached prefix: its own ~15 tokens, then the answer
     fast_first = [timed_ms(device, decoder.prefill, b.prompt_ids, tokens)[0] for _ in range(reps)]
-    fast_full = [timed_ms(device, decoder.generate, b.prompt_ids, tokens, answer)[0] for _ in range(reps)]
+    fast_full = []
+    for _ in range(reps):
+        ms, cached_answer = timed_ms(device, decoder.generate, b.prompt_ids, tokens, answer)
+        fast_full.append(ms)
+    entry["cached_prefix_answer_equal_uncached"] = cached_answer[0].tolist() == uncached_answer
     if not decoder.prefix_matches(b.prompt_ids, tokens):
         raise RuntimeError("the cached prefix was not kept across questions")
     peak_fast = max(filter(None, [peak_fast, peak_gb(device)]), default=None)

@@ -45,6 +45,7 @@ def test_bench_tiny_cpu_end_to_end(tmp_path):
             assert p[key]["stock"]["n"] >= 1 and p[key]["optimised"]["p99"] > 0
         assert p["update_ms"]["n"] == 2
         assert p["ttft_ms"]["optimised_uncached"]["n"] >= 1 and p["prefix_refresh_ms"]["p50"] > 0
+        assert p["cached_prefix_answer_equal_uncached"]  # fp32 on the CPU: exactly the same answer
         assert set(p["peak_mem_gb"]) == {"stock", "optimised"}  # None on CPU
     assert streaming["positions"][-1]["memory_tokens"] == 681
 
@@ -141,22 +142,25 @@ def test_fast_decoder_serves_several_questions(tiny_model):
         decoder.generate(prompts[0][0], prompts[0][1], max_new_tokens=400)  # 685 + 400 > 1024
 
 
-def test_cached_prefix_answers_like_a_full_prefill(tiny_model):
-    """The system text + memory kept in the cache: questions run only their own tokens, give the tokens
-    `generate` gives, and leave the prefix intact for the next question; a new memory is never answered
-    from the old prefix."""
+@pytest.mark.parametrize("pad_suffix", [False, True])
+def test_cached_prefix_answers_like_a_full_prefill(tiny_model, pad_suffix):
+    """The system text + memory kept in the cache: questions run only their own tokens (padded to a bucket
+    from static buffers, as the CUDA graph runs them, or as they are), give the tokens `generate` gives,
+    and leave the prefix intact for the next question; a new memory is never answered from the old prefix."""
     torch.manual_seed(4)
-    decoder = GreedyDecoder(tiny_model, max_cache_len=1024)
+    decoder = GreedyDecoder(tiny_model, max_cache_len=1024, pad_suffix=pad_suffix)
     prefix = torch.tensor([1, 45, 9, IMAGE_TOKEN_INDEX])
     memory = torch.randn(681, 32)
     assert decoder.cache_prefix(prefix, memory) == 3 + 681
-    questions = [torch.tensor([17, 33, 4, 250]), torch.tensor([88, 2, 61]), torch.tensor([17, 33, 4, 250])]
+    questions = [torch.tensor([17, 33, 4, 250]), torch.tensor([88, 2, 61]), torch.tensor([17, 33, 4, 250]),
+                 torch.arange(40, 80)]  # 40 tokens: a second bucket
     for question in questions:
         ids = torch.cat([prefix, question])
         assert decoder.prefix_matches(ids, memory)
         expected = _reference(tiny_model, ids, memory, 12, None)
         assert torch.equal(decoder.generate(ids, memory, max_new_tokens=12), expected)
     assert decoder.prefix_matches(torch.cat([prefix, questions[0]]), memory)  # answers did not clobber it
+    assert sorted(decoder._suffix) == ([32, 64] if pad_suffix else [])
 
     newer = memory.clone()  # same values, another snapshot: identity decides, never a stale cache
     ids = torch.cat([prefix, questions[1]])

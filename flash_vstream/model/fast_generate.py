@@ -29,6 +29,7 @@ from ..constants import IMAGE_TOKEN_INDEX
 from ..mm_utils import expand_image_tokens
 
 CACHE_ALIGN = 128  # static cache lengths are multiples of this (keeps SDPA's mask aligned, few distinct sizes)
+SUFFIX_BUCKET = 32  # a question after a cached prefix runs padded to a multiple of this (one graph per size)
 
 
 def round_up(n, multiple=CACHE_ALIGN):
@@ -71,7 +72,7 @@ class GreedyDecoder:
     """
 
     def __init__(self, model, max_cache_len=1024, cuda_graph=None, compile_step=None, compile_options=None,
-                 warmup_steps=3, check_every=16):
+                 warmup_steps=3, check_every=16, pad_suffix=None):
         self.model = model
         self.device = model.device
         self.dtype = model.get_model().embed_tokens.weight.dtype
@@ -98,6 +99,10 @@ class GreedyDecoder:
         self._graph = None
         self._length = None  # prompt length of the current answer
         self._prefix = None  # (ids, memory, length) of the prompt prefix kept in cache slots [0, length)
+        # the tokens after a cached prefix run padded to a multiple of SUFFIX_BUCKET, from static buffers,
+        # as one CUDA graph per bucket on CUDA (an eager 7B forward costs ~25 ms of launches at any length)
+        self.pad_suffix = self.cuda_graph if pad_suffix is None else bool(pad_suffix)
+        self._suffix = {}  # bucket -> (ids (1, B), positions (B,), last index (1,), first token (1,), graph)
         self._generated = 0  # tokens generated since the last prefill (host-side count)
         self._ready = not (self.cuda_graph or self.compile_step)  # nothing to set up for the plain loop
 
@@ -180,6 +185,55 @@ class GreedyDecoder:
         first = self._forward(self.model, inputs_embeds=embeds, position_ids=positions[None], attention_mask=mask)
         return first.argmax(dim=-1), length  # (1,)
 
+    def _suffix_forward(self, bucket):
+        """Device-side only (what a suffix graph captures): the bucket's padded tokens at their positions
+        -> the greedy token after the last real one. Pads write K/V past the real end; those slots are
+        masked and rewritten by the decode steps."""
+        ids, positions, last, first, _ = self._suffix[bucket]
+        mask = (self._slots[None, :] <= positions[:, None]).view(1, 1, bucket, -1)  # (1, 1, B, L)
+        kwargs = {self._cache_kw: self._cache}
+        logits = self.model(input_ids=ids, position_ids=positions[None], attention_mask=mask, use_cache=True,
+                            logits_to_keep=0, **kwargs).logits[0]  # (B, vocab)
+        first.copy_(logits.index_select(0, last).argmax(dim=-1))  # (1,)
+
+    def _run_suffix(self, rest, start):
+        n = len(rest)
+        bucket = round_up(n, SUFFIX_BUCKET)
+        if bucket not in self._suffix:
+            long = dict(dtype=torch.long, device=self.device)
+            self._suffix[bucket] = (torch.zeros(1, bucket, **long), torch.zeros(bucket, **long),
+                                    torch.zeros(1, **long), torch.zeros(1, **long), None)
+        ids, positions, last, first, graph = self._suffix[bucket]
+        ids.zero_()
+        ids[0, :n].copy_(rest)
+        torch.arange(start, start + bucket, out=positions)
+        last.fill_(n - 1)
+        self._set_cache_length(start)
+        if self.cuda_graph and graph is None:
+            graph = self._capture_suffix(bucket, start)
+        if graph is not None:
+            graph.replay()
+        else:
+            self._suffix_forward(bucket)
+        self._set_cache_length(start + n)  # the decode steps write from the real end, over the pads
+        return first.clone(), start + n
+
+    def _capture_suffix(self, bucket, start):
+        current = torch.cuda.current_stream(self.device)
+        side = torch.cuda.Stream(self.device)
+        side.wait_stream(current)
+        with torch.cuda.stream(side):  # warm-up: writes only the slots the real run writes next
+            for _ in range(2):
+                self._set_cache_length(start)
+                self._suffix_forward(bucket)
+        current.wait_stream(side)
+        self._set_cache_length(start)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):  # records; nothing runs
+            self._suffix_forward(bucket)
+        self._suffix[bucket] = (*self._suffix[bucket][:4], graph)
+        return graph
+
     @torch.inference_mode()
     def cache_prefix(self, prefix_ids, memory=None):
         """Run the prompt's prefix -- everything up to and including `<image>`, i.e. the system text and the
@@ -218,7 +272,10 @@ class GreedyDecoder:
             rest = input_ids.reshape(-1)[len(ids):]
             if len(rest) == 0 or bool((rest == IMAGE_TOKEN_INDEX).any()):
                 raise ValueError("the prompt after a cached prefix needs >= 1 token and no <image>")
-            first, length = self._run_prompt(self.embed(rest), start)
+            if self.pad_suffix and start + round_up(len(rest), SUFFIX_BUCKET) <= self.max_cache_len:
+                first, length = self._run_suffix(rest, start)
+            else:
+                first, length = self._run_prompt(self.embed(rest), start)
         else:
             self._prefix = None
             first, length = self._run_prompt(self.embed(input_ids, memory), 0)
