@@ -201,3 +201,29 @@ def test_watchdog_ends_a_run_that_overstays(tmp_path):
     assert result.returncode != 0
     assert "Timeout" in result.stderr and "Thread" in result.stderr
     assert time.time() - started < 100
+
+
+def test_graphed_steps_never_read_the_device_from_the_host(tiny_model, monkeypatch):
+    """What the CUDA graphs capture (the decode step, a question over a cached prefix) must not read a
+    tensor on the host: that is a sync, which aborts a capture. Checked on the CPU by making every host
+    read of a tensor raise while those functions run."""
+    torch.manual_seed(5)
+    decoder = GreedyDecoder(tiny_model, max_cache_len=1024, pad_suffix=True)
+    prefix, memory = torch.tensor([1, 45, 9, IMAGE_TOKEN_INDEX]), torch.randn(681, 32)
+    decoder.cache_prefix(prefix, memory)
+    with torch.inference_mode():
+        decoder._run_suffix(torch.tensor([17, 33, 4]), 3 + 681)  # buffers exist (set-up reads are allowed)
+
+    def no_host_read(*args, **kwargs):
+        raise AssertionError("host read of a tensor inside a captured function")
+
+    with monkeypatch.context() as patch:
+        for name in ("__bool__", "item", "tolist", "__int__", "__float__"):
+            patch.setattr(torch.Tensor, name, no_host_read)
+        with torch.inference_mode():
+            decoder._suffix_forward(32)
+            decoder._step()
+    with pytest.raises(AssertionError, match="host read"):  # the check itself bites
+        with monkeypatch.context() as patch, torch.inference_mode():
+            patch.setattr(torch.Tensor, "__bool__", no_host_read)
+            tiny_model(input_ids=torch.tensor([[1, 5, 7]]))  # several ids: forward looks for <image> (a read)

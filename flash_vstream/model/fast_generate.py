@@ -192,7 +192,8 @@ class GreedyDecoder:
         ids, positions, last, first, _ = self._suffix[bucket]
         mask = (self._slots[None, :] <= positions[:, None]).view(1, 1, bucket, -1)  # (1, 1, B, L)
         kwargs = {self._cache_kw: self._cache}
-        logits = self.model(input_ids=ids, position_ids=positions[None], attention_mask=mask, use_cache=True,
+        embeds = self.model.get_model().embed_tokens(ids)  # (1, B, hidden): ids would make forward look for <image>
+        logits = self.model(inputs_embeds=embeds, position_ids=positions[None], attention_mask=mask, use_cache=True,
                             logits_to_keep=0, **kwargs).logits[0]  # (B, vocab)
         first.copy_(logits.index_select(0, last).argmax(dim=-1))  # (1,)
 
@@ -209,8 +210,13 @@ class GreedyDecoder:
         torch.arange(start, start + bucket, out=positions)
         last.fill_(n - 1)
         self._set_cache_length(start)
-        if self.cuda_graph and graph is None:
-            graph = self._capture_suffix(bucket, start)
+        if self.cuda_graph and graph is None and "suffix_graph" not in self.errors:
+            try:
+                graph = self._capture_suffix(bucket, start)
+            except Exception as error:  # noqa: BLE001 -- record it; the padded eager forward still answers
+                self.errors["suffix_graph"] = f"{type(error).__name__}: {str(error)[:1000]}"
+                torch.cuda.synchronize(self.device)
+                self._set_cache_length(start)
         if graph is not None:
             graph.replay()
         else:
