@@ -203,6 +203,18 @@ def test_watchdog_ends_a_run_that_overstays(tmp_path):
     assert time.time() - started < 100
 
 
+def test_suffix_warm_up_prepares_sizes_and_leaves_no_prefix(tiny_model):
+    torch.manual_seed(6)
+    decoder = GreedyDecoder(tiny_model, max_cache_len=1024, pad_suffix=True)
+    prefix, memory = torch.tensor([1, 45, 9, IMAGE_TOKEN_INDEX]), torch.randn(681, 32)
+    decoder.warm_up_suffixes(prefix, 681, 32)
+    assert sorted(decoder._suffix) == [32, 64]
+    ids = torch.cat([prefix, torch.tensor([17, 33, 4])])
+    assert not decoder.prefix_matches(ids, memory)  # the zeros prefix is gone
+    decoder.cache_prefix(prefix, memory)
+    assert torch.equal(decoder.generate(ids, memory, max_new_tokens=6), _reference(tiny_model, ids, memory, 6, None))
+
+
 def test_graphed_steps_never_read_the_device_from_the_host(tiny_model, monkeypatch):
     """What the CUDA graphs capture (the decode step, a question over a cached prefix) must not read a
     tensor on the host: that is a sync, which aborts a capture. Checked on the CPU by making every host

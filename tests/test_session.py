@@ -162,7 +162,7 @@ def test_fast_path_gives_the_stock_answers(loaded, stream, conversation):
     """FastVisionEncoder + GreedyDecoder with the prefix kept in the cache (what runs on CUDA), forced on
     here: the same features, snapshots, answer texts and token counts as the stock path."""
     stock = _session(loaded, conversation=conversation)
-    fast = _session(loaded, conversation=conversation, fast=True)
+    fast = _session(loaded, conversation=conversation, fast=True).warm_up()
     frames = [f for f, _ in stream[:3]]
     assert torch.equal(fast.encode(frames), stock.encode(frames))
     for frame, t in stream[:4]:

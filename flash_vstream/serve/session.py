@@ -199,7 +199,9 @@ class StreamSession:
             self._fast_vision()
         if self._uses_decoder():
             with self._decoder_lock:
-                self._get_decoder().setup()
+                decoder = self._get_decoder().setup()
+                decoder.warm_up_suffixes(self.prefix_ids(), memory_num_tokens(10**6, self.model.config),
+                                         self.model.config.mm_hidden_size)
         return self
 
     # --- ingest side ----------------------------------------------------------------------------
