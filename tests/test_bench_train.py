@@ -1,0 +1,40 @@
+"""The training benchmark on CPU at a tiny size, two processes: both stages through the real `train()`
+under DeepSpeed ZeRO-2 and ZeRO-3 (gloo), so the script cannot rot and the multi-process path works."""
+
+import json
+import os
+import subprocess
+import sys
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(REPO, "scripts"))
+
+import bench_train  # noqa: E402
+
+
+def test_model_flops_per_token_by_stage():
+    # stage 1 trains only the adapter under the frozen LLM: forward 2N + activation gradients 2N
+    assert bench_train.flops_per_token(1, 10) == 40
+    assert bench_train.flops_per_token(2, 10) == 60
+
+
+def test_two_process_zero2_then_zero3_on_cpu(tmp_path):
+    args = ["--output-dir", str(tmp_path), "--device", "cpu", "--gpus", "2", "--hidden", "64",
+            "--intermediate", "128", "--layers", "2", "--heads", "4", "--clip-layers", "2", "--steps", "5",
+            "--warmup-steps", "2", "--batch", "2", "--records", "16", "--frames", "8", "--workers", "0"]
+    result = subprocess.run([sys.executable, os.path.join(REPO, "scripts", "bench_train.py"), *args],
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads((tmp_path / "bench_train.json").read_text())
+    assert report["gpus"] == 2 and report["tokens_per_sample"] > 681
+    stage1, stage2 = report["stages"]
+    assert (stage1["zero"], stage2["zero"]) == ("zero2.json", "zero3.json")
+    for stage in (stage1, stage2):
+        assert "error" not in stage
+        assert stage["steps"] == 5 and stage["samples_per_s"] > 0 and stage["mfu"] > 0
+    # stage 1: projector + Semantic Attention only; stage 2: everything but the vision tower
+    assert stage1["trainable_params"] < report["llm_params"] / 10 < stage2["trainable_params"]
+    assert stage2["trainable_params"] > report["llm_params"]  # the LLM plus the adapter
+    projection = report["projection_7b"]
+    assert projection["stage1_epoch_hours"] > 0 and projection["stage2_epoch_hours"] > 0
+    assert projection["stage2_model_state_gib_per_gpu"]["zero3"] < projection["stage2_model_state_gib_per_gpu"]["zero2"]
