@@ -103,6 +103,10 @@ class GreedyDecoder:
         # as one CUDA graph per bucket on CUDA (an eager 7B forward costs ~25 ms of launches at any length)
         self.pad_suffix = self.cuda_graph if pad_suffix is None else bool(pad_suffix)
         self._suffix = {}  # bucket -> (ids (1, B), positions (B,), last index (1,), first token (1,), graph)
+        self._suffix_pool = None
+        # False: a size without a graph runs eagerly instead of being captured (a capture while another
+        # thread launches work on the GPU can fail; the session turns this off after warming up sizes)
+        self.capture_new_suffixes = True
         self._generated = 0  # tokens generated since the last prefill (host-side count)
         self._ready = not (self.cuda_graph or self.compile_step)  # nothing to set up for the plain loop
 
@@ -192,10 +196,11 @@ class GreedyDecoder:
         ids, positions, last, first, _ = self._suffix[bucket]
         mask = (self._slots[None, :] <= positions[:, None]).view(1, 1, bucket, -1)  # (1, 1, B, L)
         kwargs = {self._cache_kw: self._cache}
-        embeds = self.model.get_model().embed_tokens(ids)  # (1, B, hidden): ids would make forward look for <image>
-        logits = self.model(inputs_embeds=embeds, position_ids=positions[None], attention_mask=mask, use_cache=True,
-                            logits_to_keep=0, **kwargs).logits[0]  # (B, vocab)
-        first.copy_(logits.index_select(0, last).argmax(dim=-1))  # (1,)
+        body = self.model.get_model()  # the LlamaModel: the wrapper's forward would look for <image> on the host
+        hidden = body(inputs_embeds=body.embed_tokens(ids), position_ids=positions[None], attention_mask=mask,
+                      use_cache=True, **kwargs).last_hidden_state[0]  # (B, hidden)
+        logits = self.model.lm_head(hidden.index_select(0, last))  # (1, vocab): the last real token only
+        first.copy_(logits.argmax(dim=-1))  # (1,)
 
     def _run_suffix(self, rest, start):
         n = len(rest)
@@ -210,7 +215,7 @@ class GreedyDecoder:
         torch.arange(start, start + bucket, out=positions)
         last.fill_(n - 1)
         self._set_cache_length(start)
-        if self.cuda_graph and graph is None and "suffix_graph" not in self.errors:
+        if self.cuda_graph and graph is None and self.capture_new_suffixes and "suffix_graph" not in self.errors:
             try:
                 graph = self._capture_suffix(bucket, start)
             except Exception as error:  # noqa: BLE001 -- record it; the padded eager forward still answers
@@ -235,15 +240,17 @@ class GreedyDecoder:
         current.wait_stream(side)
         self._set_cache_length(start)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):  # records; nothing runs
+        with torch.cuda.graph(graph, pool=self._suffix_pool):  # records; nothing runs
             self._suffix_forward(bucket)
+        self._suffix_pool = graph.pool()  # one memory pool for all sizes: they never run at once
         self._suffix[bucket] = (*self._suffix[bucket][:4], graph)
         return graph
 
     @torch.inference_mode()
     def warm_up_suffixes(self, prefix_ids, memory_tokens, memory_dim, sizes=(SUFFIX_BUCKET, 2 * SUFFIX_BUCKET)):
-        """Capture the question graphs of these suffix sizes now, over a throwaway prefix of zeros
-        (a first question of a new size would otherwise pay the capture, ~0.1 s on a 7B)."""
+        """Capture the question graphs of these suffix sizes now (those that fit the cache), over a
+        throwaway prefix of zeros: a first question of a new size would otherwise pay the capture
+        (~0.1 s on a 7B). The graphs share one memory pool."""
         if not self.pad_suffix:
             return
         dummy = torch.zeros(memory_tokens, memory_dim, device=self.device, dtype=self.dtype)

@@ -42,6 +42,7 @@ from ..model.multimodal_encoder.fast_encoder import FastVisionEncoder
 TIME_EPS = 1e-6  # seconds: a question at t and a frame at t are simultaneous (the frame counts)
 CONVERSATION_MODES = ("fresh", "continue")
 PROMPT_ROOM = 256  # fast path: cache room for the prompt text (system, question, history) beside memory + answer
+SUFFIX_SIZES = (32, 64, 128, 256)  # fast path: question lengths (after the memory) captured as graphs at warm-up
 
 
 @dataclasses.dataclass(frozen=True)
@@ -201,7 +202,9 @@ class StreamSession:
             with self._decoder_lock:
                 decoder = self._get_decoder().setup()
                 decoder.warm_up_suffixes(self.prefix_ids(), memory_num_tokens(10**6, self.model.config),
-                                         self.model.config.mm_hidden_size)
+                                         self.model.config.mm_hidden_size, sizes=SUFFIX_SIZES)
+                # later sizes run eagerly: capturing while the ingest thread uses the GPU could fail
+                decoder.capture_new_suffixes = False
         return self
 
     # --- ingest side ----------------------------------------------------------------------------
