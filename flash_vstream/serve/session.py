@@ -196,7 +196,7 @@ class StreamSession:
         `compile_decode`) instead of at the first frame and question."""
         if not self.fast:
             return self
-        if self.image_processor is not None:
+        if self.image_processor is not None and self._tower_loaded():
             self._fast_vision()
         if self._uses_decoder():
             with self._decoder_lock:
@@ -214,16 +214,18 @@ class StreamSession:
         if self.image_processor is None:
             raise RuntimeError("raw frames need the vision tower and its image processor; this model was loaded "
                                "without them (see mm_vision_tower); feed precomputed features instead")
-        if not self.fast:
+        if not (self.fast and self._tower_loaded()):  # stock path (and its error when the tower is missing)
             return self.model.encode_frames(frames, self.image_processor)  # (T, 256, D)
         pixels = process_images(frames, self.image_processor, self.model.config.image_aspect_ratio)  # (T, 3, S, S)
         return self._fast_vision()(pixels)  # (T, 256, D); one frame: the CUDA graph
 
+    def _tower_loaded(self):
+        tower = self.model.get_vision_tower()
+        return tower is not None and tower.is_loaded
+
     def _fast_vision(self):
         if self._vision is None:
             tower = self.model.get_vision_tower()
-            if tower is None or not tower.is_loaded:
-                return self.model.encode_images  # raises the model's own "tower not loaded" error on use
             self._vision = FastVisionEncoder(tower.vision_tower, tower.select_layer, tower.select_feature)
             if self._vision.device.type == "cuda":
                 self._vision.capture(tower.config.image_size)  # failure: recorded in graph_error, eager is used
