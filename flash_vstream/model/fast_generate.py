@@ -1,7 +1,8 @@
 """Fast batch-1 greedy decoding for `VStreamLlamaForCausalLM`: a static KV cache and one captured decode step.
 
-Stock `generate` spends most of a 7B decode step in Python and kernel launches (31 tokens/s on an
-H100 against a memory-bandwidth limit near 240). `GreedyDecoder` removes both:
+Stock `generate` spends most of a 7B decode step in Python and kernel launches (14-31 tokens/s on an
+H100 against a memory-bandwidth limit near 240; this decoder: 155, see docs/benchmarks.md).
+`GreedyDecoder` removes both:
 
 1. prefill: the prompt (memory tokens spliced in by `embed_with_memory`) goes through the model's
    own forward once, filling a transformers `StaticCache` (fixed-size K/V tensors), no `generate`;
@@ -13,7 +14,13 @@ H100 against a memory-bandwidth limit near 240). `GreedyDecoder` removes both:
 3. optionally the step is first compiled (`torch.compile`, default mode: no cudagraph trees, which
    is what failed in transformers' own static-cache path) so that RMSNorm, RoPE, SiLU-gating and the
    residual adds become a few fused kernels instead of ~40 small ones per layer; the compiled step
-   is captured into the same kind of graph.
+   is captured into the same kind of graph;
+4. a kept prefix: `cache_prefix` runs the prompt through `<image>` (system text + memory, ~720 tokens)
+   into cache slots [0, P) and keeps it; a later prompt that starts with the same ids and the same
+   memory tensor runs only its own tokens from slot P -- on CUDA padded to a 32-token bucket and
+   replayed as one CUDA graph per bucket (an eager 7B forward costs ~25 ms of launches at any
+   length). Answers write after P, so the prefix serves any number of questions. The realtime
+   session refreshes it after every frame, which takes the memory's prefill off the question's path.
 
 The graph is set up once per decoder (`setup()`, on a throwaway one-token prompt: compile, warm-up
 on a side stream, capture). Whatever fails there is recorded in `errors` and the next simpler step
