@@ -171,8 +171,10 @@ def project_7b(results, args):
     n7b, gpus = 6.74e9, 8
     out = {"assumes": f"Vicuna-7B ({n7b:.3g} parameters), {gpus} H100s, the measured MFU of each stage, "
                       f"{results['tokens_per_sample']} tokens per sample",
-           # bf16 weights everywhere; grads (bf16) + Adam states (fp32 master, m, v) partitioned
-           "stage2_model_state_gib_per_gpu": {"zero2": (2 * n7b + 14 * n7b / gpus) / 2**30,
+           # bf16 weights (2 B), bf16 grads (2 B), Adam states: fp32 master, m, v (12 B); ZeRO-1 partitions
+           # the states, ZeRO-2 also the grads, ZeRO-3 also the weights (scripts/train_and_eval.sh: ZeRO-1)
+           "stage2_model_state_gib_per_gpu": {"zero1": (4 * n7b + 12 * n7b / gpus) / 2**30,
+                                              "zero2": (2 * n7b + 14 * n7b / gpus) / 2**30,
                                               "zero3": 16 * n7b / gpus / 2**30}}
     for r, samples in zip(results["stages"], (790_000, 763_000)):
         if "mfu" not in r:
