@@ -3,7 +3,7 @@
 # ingest, question -> answer, decode tokens/s, peak memory) beside the stock stack and two baselines.
 #
 #   bash scripts/benchmark.sh [OUT_DIR] [flags of python -m flash_vstream.bench]
-#   bash scripts/benchmark.sh bench_out                              # 7B-shaped random bf16 weights, ~5-7 min on an H100
+#   bash scripts/benchmark.sh bench_out                              # 7B-shaped random bf16 weights, ~3 min on an H100
 #   bash scripts/benchmark.sh bench_out --model-path ckpt/Flash-VStream-7b
 #   bash scripts/benchmark.sh /tmp/b --preset tiny --device cpu      # smoke run anywhere
 #
