@@ -225,10 +225,11 @@ def test_ctrl_d_ends_an_endless_stream(tiny_model_dir):
     assert "[bye]" in term.text
 
 
-def test_piped_questions_then_quit_in_process(tiny_model_dir):
+@pytest.mark.parametrize("fast", ["off", "on"])  # on: the prefix refresh runs on the ingest thread beside answers
+def test_piped_questions_then_quit_in_process(tiny_model_dir, fast):
     out = io.StringIO()
     code = cli.main(["--model-path", tiny_model_dir, "--video-source", "synthetic:32x32", "--device", "cpu",
-                     "--max-new-tokens", "4", "--play_speed", "inf"],
+                     "--max-new-tokens", "4", "--play_speed", "inf", "--fast", fast],
                     stdin=io.StringIO("\nwhat is in the video?\n/status\n/quit\nnever asked?\n"), stdout=out)
     text = out.getvalue()
     assert code == 0, text
