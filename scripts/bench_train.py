@@ -104,6 +104,9 @@ def worker(metrics_file, argv):
               "log": trainer.state.log_history}
     with open(f"{metrics_file}.rank{rank}", "w") as f:
         json.dump(result, f)
+    if torch.distributed.is_initialized():  # leave together: a rank gone early breaks the other's teardown
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
 
 
 def run_stage(root, stage, zero, args):

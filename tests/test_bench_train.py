@@ -24,7 +24,7 @@ def test_two_process_zero2_then_zero3_on_cpu(tmp_path):
             "--warmup-steps", "2", "--batch", "2", "--records", "16", "--frames", "8", "--workers", "0"]
     result = subprocess.run([sys.executable, os.path.join(REPO, "scripts", "bench_train.py"), *args],
                             capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
     report = json.loads((tmp_path / "bench_train.json").read_text())
     assert report["gpus"] == 2 and report["tokens_per_sample"] > 681
     stage1, stage2 = report["stages"]
