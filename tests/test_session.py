@@ -256,3 +256,17 @@ def test_memory_plot_writes_a_png(loaded, stream, tmp_path):
         assert f.read(8) == b"\x89PNG\r\n\x1a\n"
     with pytest.raises(ValueError):
         plot_memory_timeline([], str(tmp_path / "empty.png"))
+
+
+def test_check_fast_session_script_passes_on_cpu():
+    """scripts/check_fast_session.py (the GPU check of the fast path) runs and agrees on the CPU."""
+    import os
+    import subprocess
+    import sys
+
+    script = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "scripts",
+                          "check_fast_session.py")
+    result = subprocess.run([sys.executable, script, "--device", "cpu", "--frames", "6", "--ask-every", "3"],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
+    assert result.stdout.count("answer equal True") == 2 and result.stdout.strip().endswith("OK")
