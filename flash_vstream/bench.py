@@ -18,7 +18,8 @@ section does not stop the others, and bench.json is rewritten after every sectio
                    random features to the memory, one frame per update; real encoding is timed in a
                    window of frames at each position): per-frame encode + memory update (+ snapshot read)
                    p50/p99 stock vs optimised, the memory update alone, question -> first token and -> full
-                   answer from the snapshot there, and peak GPU memory.
+                   answer from the snapshot there (optimised: over the prompt prefix the session keeps in the
+                   KV cache; also without it, and the prefix refresh a frame costs), and peak GPU memory.
   baseline_upstream_buffer  (b) the published design's per-update copy of an unbounded frame buffer.
   baseline_full_context     (a) every frame's 64 tokens in the prompt: prefill time until out of memory.
   extraction       batched CLIP frames/s at batch 64/128/256: stock vs fast encoder eager vs
