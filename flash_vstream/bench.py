@@ -34,7 +34,6 @@ user waits), median / p99 over repeats after warm-up.
 import argparse
 import dataclasses
 import faulthandler
-import gc
 import json
 import os
 import platform
@@ -48,8 +47,9 @@ import torch._dynamo
 
 from .bench_baselines import full_context, upstream_buffer_copy
 from .constants import DEFAULT_IMAGE_TOKEN, IMAGE_TOKEN_INDEX
-from .model.fast_generate import GreedyDecoder
+from .model.fast_generate import GreedyDecoder, prefix_through_image
 from .model.language_model.configuration_vstream import PATCH_GRID
+from .model.cuda_utils import free_memory, sync
 from .model.memory import STARMemory
 from .model.multimodal_encoder.fast_encoder import FastVisionEncoder
 
@@ -92,11 +92,6 @@ def log(*parts):
     print(*parts, flush=True)
 
 
-def sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def timed_ms(device, fn, *args, **kwargs):
     """(milliseconds, result) of one call, the device idle before and drained after."""
     sync(device)
@@ -122,12 +117,6 @@ def reset_peak(device):
 
 def peak_gb(device):
     return round(torch.cuda.max_memory_allocated(device) / 1e9, 3) if device.type == "cuda" else None
-
-
-def free_memory(device):
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
 
 
 def rel_err(out, ref):
@@ -165,8 +154,7 @@ class Bench:
     @property
     def prefix_ids(self):
         """The prompt through its <image>: what `GreedyDecoder.cache_prefix` keeps between questions."""
-        at = int((self.prompt_ids == IMAGE_TOKEN_INDEX).nonzero()[0, 0])
-        return self.prompt_ids[:at + 1]
+        return prefix_through_image(self.prompt_ids)
 
     @property
     def config(self):

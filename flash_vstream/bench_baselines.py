@@ -17,21 +17,11 @@ import time
 import torch
 
 from .constants import IMAGE_TOKEN_INDEX
-
-
-def _sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+from .model.cuda_utils import free_memory, sync
 
 
 def _is_oom(error):
     return isinstance(error, torch.cuda.OutOfMemoryError) or "out of memory" in str(error).lower()
-
-
-def _free(device):
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
 
 
 @torch.inference_mode()
@@ -87,16 +77,16 @@ def full_context(model, prompt_ids, frame_counts, tokens_per_frame, max_tokens, 
             times = []
             if last is None:  # warm-up once, at a small size
                 _full_context_prefill(model, prompt_ids, frame_tokens[: min(tokens, 4096)])
-                _free(device)
+                free_memory(device)
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(device)
             for _ in range(reps):
-                _sync(device)
+                sync(device)
                 start = time.perf_counter()
                 _full_context_prefill(model, prompt_ids, frame_tokens)
-                _sync(device)
+                sync(device)
                 times.append(time.perf_counter() - start)
-                _free(device)
+                free_memory(device)
             row["status"] = "ok"
             row["ttft_ms"] = round(1e3 * sorted(times)[len(times) // 2], 3)
             row["repeats"] = reps
@@ -113,7 +103,7 @@ def full_context(model, prompt_ids, frame_counts, tokens_per_frame, max_tokens, 
             log(f"  full context {frames:>6} frames ({tokens:>7} tokens): out of memory")
         finally:
             frame_tokens = None
-            _free(device)
+            free_memory(device)
     if oom_at is None and any(r["status"] != "ok" for r in rows):
         notes.append("some sizes were not tried (token cap or time budget); see each row's status")
     return {"rows": rows, "fits_up_to_frames": fits, "first_oom_frames": oom_at,

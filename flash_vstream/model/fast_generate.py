@@ -34,6 +34,7 @@ import torch
 
 from ..constants import IMAGE_TOKEN_INDEX
 from ..mm_utils import expand_image_tokens
+from .cuda_utils import capture_graph
 
 CACHE_ALIGN = 128  # static cache lengths are multiples of this (keeps SDPA's mask aligned, few distinct sizes)
 SUFFIX_BUCKET = 32  # a question after a cached prefix runs padded to a multiple of this (one graph per size)
@@ -47,6 +48,14 @@ def _cache_kwarg(model):
     """The name LlamaModel.forward takes the cache under: `cache` (transformers >= 5.2x) or `past_key_values`."""
     params = inspect.signature(model.get_model().forward).parameters
     return "cache" if "cache" in params else "past_key_values"
+
+
+def prefix_through_image(input_ids):
+    """(L,) prompt ids -> the ids through its `<image>` placeholder: the part `cache_prefix` keeps (system
+    text + memory), the same for every question asked with one prompt template."""
+    ids = input_ids.reshape(-1)
+    at = int((ids == IMAGE_TOKEN_INDEX).nonzero()[0, 0])
+    return ids[:at + 1]
 
 
 def make_static_cache(config, max_cache_len, device, dtype):
@@ -132,8 +141,8 @@ class GreedyDecoder:
                 compiled = attempt == "compiled"
                 self._step_model = torch.compile(self.model, **self.compile_options) if compiled else self.model
                 self.prefill(torch.ones(1, dtype=torch.long))
-                if self.cuda_graph:
-                    self._graph = self._capture()
+                if self.cuda_graph:  # warm-up (and compilation) off the capture; the recording changes no state
+                    self._graph, _ = capture_graph(self._step, self.device, self.warmup_steps)
                 else:
                     for _ in range(self.warmup_steps):  # compiles
                         self._step()
@@ -146,19 +155,6 @@ class GreedyDecoder:
                     torch.cuda.synchronize(self.device)
         self._step_model, self.mode = self.model, "eager"
         return self
-
-    def _capture(self):
-        current = torch.cuda.current_stream(self.device)
-        side = torch.cuda.Stream(self.device)
-        side.wait_stream(current)
-        with torch.cuda.stream(side):  # warm-up (and compilation) off the capture
-            for _ in range(self.warmup_steps):
-                self._step()
-        current.wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):  # records one step; nothing runs, no state changes
-            self._step()
-        return graph
 
     # --- prompt -----------------------------------------------------------------------------------
     def embed(self, input_ids, memory=None):
@@ -176,6 +172,11 @@ class GreedyDecoder:
         kwargs[self._cache_kw] = self._cache
         return model(use_cache=True, logits_to_keep=1, **kwargs).logits[:, -1]  # (1, vocab)
 
+    def _mask(self, positions):
+        """(P,) query positions -> (1, 1, P, L) bool: each attends the cache slots up to its own position.
+        An explicit mask over the whole static cache: no dependence on transformers' mask helpers."""
+        return (self._slots[None, :] <= positions[:, None]).view(1, 1, positions.shape[0], -1)
+
     def _set_cache_length(self, length):
         """Point every layer's write position at `length` (in place, so a captured graph stays valid)."""
         for layer in self._cache.layers:
@@ -191,9 +192,8 @@ class GreedyDecoder:
         else:
             self._cache.reset()  # in place: the captured step keeps pointing at the same K/V tensors
         positions = torch.arange(start, length, device=self.device)  # (P,)
-        # explicit causal mask over the whole static cache: no dependence on transformers' mask helpers
-        mask = (self._slots[None, :] <= positions[:, None]).view(1, 1, len(positions), -1)  # (1, 1, P, L)
-        first = self._forward(self.model, inputs_embeds=embeds, position_ids=positions[None], attention_mask=mask)
+        first = self._forward(self.model, inputs_embeds=embeds, position_ids=positions[None],
+                              attention_mask=self._mask(positions))
         return first.argmax(dim=-1), length  # (1,)
 
     def _suffix_forward(self, bucket):
@@ -201,11 +201,10 @@ class GreedyDecoder:
         -> the greedy token after the last real one. Pads write K/V past the real end; those slots are
         masked and rewritten by the decode steps."""
         ids, positions, last, first, _ = self._suffix[bucket]
-        mask = (self._slots[None, :] <= positions[:, None]).view(1, 1, bucket, -1)  # (1, 1, B, L)
         kwargs = {self._cache_kw: self._cache}
         body = self.model.get_model()  # the LlamaModel: the wrapper's forward would look for <image> on the host
-        hidden = body(inputs_embeds=body.embed_tokens(ids), position_ids=positions[None], attention_mask=mask,
-                      use_cache=True, **kwargs).last_hidden_state[0]  # (B, hidden)
+        hidden = body(inputs_embeds=body.embed_tokens(ids), position_ids=positions[None],
+                      attention_mask=self._mask(positions), use_cache=True, **kwargs).last_hidden_state[0]  # (B, hidden)
         logits = self.model.lm_head(hidden.index_select(0, last))  # (1, vocab): the last real token only
         first.copy_(logits.argmax(dim=-1))  # (1,)
 
@@ -237,18 +236,9 @@ class GreedyDecoder:
         return first.clone(), start + n
 
     def _capture_suffix(self, bucket, start):
-        current = torch.cuda.current_stream(self.device)
-        side = torch.cuda.Stream(self.device)
-        side.wait_stream(current)
-        with torch.cuda.stream(side):  # warm-up: writes only the slots the real run writes next
-            for _ in range(2):
-                self._set_cache_length(start)
-                self._suffix_forward(bucket)
-        current.wait_stream(side)
-        self._set_cache_length(start)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self._suffix_pool):  # records; nothing runs
-            self._suffix_forward(bucket)
+        # the warm-up calls write only the slots the real run writes next
+        graph, _ = capture_graph(lambda: self._suffix_forward(bucket), self.device, warmup=2,
+                                 pool=self._suffix_pool, before_each=lambda: self._set_cache_length(start))
         self._suffix_pool = graph.pool()  # one memory pool for all sizes: they never run at once
         self._suffix[bucket] = (*self._suffix[bucket][:4], graph)
         return graph
@@ -324,9 +314,8 @@ class GreedyDecoder:
     # --- decode -----------------------------------------------------------------------------------
     def _step(self):
         """One decode step, device-side only (this is what the graph captures)."""
-        mask = (self._slots <= self._pos).view(1, 1, 1, -1)  # (1, 1, 1, L) the cache up to this token
         logits = self._forward(self._step_model, input_ids=self._ids, position_ids=self._pos.view(1, 1),
-                               attention_mask=mask)
+                               attention_mask=self._mask(self._pos))
         token = logits.argmax(dim=-1)  # (1,)
         self._ids.copy_(token.view(1, 1))
         self._tokens.index_copy_(0, self._count, token)

@@ -32,10 +32,10 @@ import torch
 from transformers import StoppingCriteria, StoppingCriteriaList
 from transformers.generation.streamers import BaseStreamer
 
-from ..constants import DEFAULT_IMAGE_TOKEN, IMAGE_TOKEN_INDEX
+from ..constants import DEFAULT_IMAGE_TOKEN
 from ..conversation import conv_templates
 from ..mm_utils import KeywordsStoppingCriteria, process_images, tokenizer_image_token
-from ..model.fast_generate import GreedyDecoder
+from ..model.fast_generate import GreedyDecoder, prefix_through_image
 from ..model.memory import STARMemory, memory_num_tokens
 from ..model.multimodal_encoder.fast_encoder import FastVisionEncoder
 
@@ -104,16 +104,16 @@ class _TextStreamer(BaseStreamer):
     sentencepiece word boundaries come out right; a trailing partial UTF-8 character waits.
     """
 
-    def __init__(self, tokenizer, on_text=None):
+    def __init__(self, tokenizer, on_text=None, skip_prompt=True):
         self.tokenizer = tokenizer
         self.on_text = on_text
         self.ids = []
         self.first_token_time = None
         self._emitted = ""
-        self._prompt_seen = False
+        self._prompt_seen = not skip_prompt  # generate() pushes the prompt first; the fast path does not
 
     def put(self, value):
-        if not self._prompt_seen:  # generate() first pushes the prompt (empty with inputs_embeds)
+        if not self._prompt_seen:  # the prompt (empty with inputs_embeds), not an answer token
             self._prompt_seen = True
             return
         ids = value.reshape(-1).tolist()  # a host read: the tokens exist from here on
@@ -190,6 +190,7 @@ class StreamSession:
         self._decoder = None  # GreedyDecoder, built at the first greedy answer (or warm_up)
         self._decoder_lock = threading.Lock()  # the decoder's cache is one state: one user at a time
         self._prefix_ids = None
+        self._memory_bound = memory_num_tokens(10**6, model.config)  # the tokens a long stream's memory reaches
 
     def warm_up(self):
         """Build the fast path now (CLIP graph capture; decode-step compile and capture, ~40 s on a 7B with
@@ -201,8 +202,8 @@ class StreamSession:
         if self._uses_decoder():
             with self._decoder_lock:
                 decoder = self._get_decoder().setup()
-                decoder.warm_up_suffixes(self.prefix_ids(), memory_num_tokens(10**6, self.model.config),
-                                         self.model.config.mm_hidden_size, sizes=SUFFIX_SIZES)
+                decoder.warm_up_suffixes(self.prefix_ids(), self._memory_bound, self.model.config.mm_hidden_size,
+                                         sizes=SUFFIX_SIZES)
                 # later sizes run eagerly: capturing while the ingest thread uses the GPU could fail
                 decoder.capture_new_suffixes = False
         return self
@@ -314,9 +315,8 @@ class StreamSession:
         """(P,) the prompt through its `<image>`: the same for every question (the image sits in the first
         user turn, and `tokenizer_image_token` tokenizes the text on each side of it separately)."""
         if self._prefix_ids is None:
-            ids = tokenizer_image_token(self.prompt(""), self.tokenizer, return_tensors="pt")
-            at = int((ids == IMAGE_TOKEN_INDEX).nonzero()[0, 0])
-            self._prefix_ids = ids[:at + 1]
+            self._prefix_ids = prefix_through_image(
+                tokenizer_image_token(self.prompt(""), self.tokenizer, return_tensors="pt"))
         return self._prefix_ids
 
     def _uses_decoder(self):
@@ -324,8 +324,7 @@ class StreamSession:
 
     def _get_decoder(self):
         if self._decoder is None:
-            memory_tokens = memory_num_tokens(10**6, self.model.config)  # the bound a long stream reaches
-            size = min(self.context_len, memory_tokens + PROMPT_ROOM + self.max_new_tokens)
+            size = min(self.context_len, self._memory_bound + PROMPT_ROOM + self.max_new_tokens)
             cuda = self.model.device.type == "cuda"
             self._decoder = GreedyDecoder(self.model, max_cache_len=size, cuda_graph=cuda,
                                           compile_step=cuda and self.compile_decode)
@@ -340,13 +339,14 @@ class StreamSession:
         if snapshot is None:
             raise RuntimeError("no frames in memory yet: nothing to answer from")
         ids = self._prompt_ids(question, snapshot.num_tokens)  # (L,) on the CPU
-        streamer = _TextStreamer(self.tokenizer, on_text)
         if self.fast and self._uses_decoder():
             with self._decoder_lock:
                 decoder = self._get_decoder()
                 if len(ids) - 1 + snapshot.num_tokens + self.max_new_tokens < decoder.max_cache_len:
+                    streamer = _TextStreamer(self.tokenizer, on_text, skip_prompt=False)
                     return self._answer(self._fast_generate(decoder, ids, snapshot, streamer, should_stop),
                                         question, snapshot, streamer, start)
+        streamer = _TextStreamer(self.tokenizer, on_text)
         ids = ids[None].to(self.model.device)  # (1, L)
         stopping = []
         if self._stop_text is not None:
@@ -370,7 +370,6 @@ class StreamSession:
         chunks of `check_every` tokens, each handed to the streamer. Same tokens as `generate`."""
         if not decoder.prefix_matches(ids, snapshot.tokens):
             decoder.cache_prefix(self.prefix_ids(), snapshot.tokens)
-        streamer.put(None)  # the streamer skips its first put (generate's prompt)
         streamer.put(decoder.prefill(ids, snapshot.tokens))
         eos = self.tokenizer.eos_token_id
         tokens = decoder.tokens()

@@ -6,10 +6,7 @@ extraction: regional `torch.compile`).
 
 import torch
 
-
-def _sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+from ..cuda_utils import capture_graph, sync
 
 
 class FastVisionEncoder:
@@ -67,20 +64,13 @@ class FastVisionEncoder:
         """Capture the batch-1 forward into a CUDA graph; returns None or the error (then eager is used)."""
         try:
             self._static_in = torch.randn(1, 3, image_size, image_size, device=self.device, dtype=self.dtype)
-            side = torch.cuda.Stream(self.device)
-            side.wait_stream(torch.cuda.current_stream(self.device))
-            with torch.cuda.stream(side):
-                for _ in range(warmup):
-                    self._run(self._static_in, self.layers)
-            torch.cuda.current_stream(self.device).wait_stream(side)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
-                self._static_out = self._run(self._static_in, self.layers)  # (1, 256, D) in the graph's pool
-            self._graph = graph
+            # _static_out: (1, 256, D) in the graph's pool, rewritten by every replay
+            self._graph, self._static_out = capture_graph(lambda: self._run(self._static_in, self.layers),
+                                                          self.device, warmup)
         except Exception as error:  # noqa: BLE001 -- any failure: keep the eager forward
             self._graph = None
             self.graph_error = f"{type(error).__name__}: {error}"
-            _sync(self.device)
+            sync(self.device)
         return self.graph_error
 
     @property
