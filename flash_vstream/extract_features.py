@@ -26,7 +26,7 @@ import time
 import torch
 
 from .mm_utils import process_images
-from .video_io import (FEATURE_EXTENSION, IMAGE_EXTENSIONS, VIDEO_EXTENSIONS, VideoReadError, is_image_path,
+from .video_io import (IMAGE_EXTENSIONS, VIDEO_EXTENSIONS, VideoReadError, feature_file_for, is_image_path,
                        is_url, is_video_path, iter_frames, load_image, save_features, temp_files_for,
                        valid_feature_file)
 
@@ -36,12 +36,6 @@ REPORT_NAME = "extract_report.json"
 
 
 # ----------------------------------------------------------------------------- what to extract
-
-def output_path(rel, output_dir):
-    """`DIR/<rel with its extension replaced by .safetensors>`; only the suffix changes (upstream
-    used str.replace, which also rewrote folder names containing the extension)."""
-    return os.path.join(output_dir, os.path.splitext(rel)[0] + FEATURE_EXTENSION)
-
 
 def _walk_media(root):
     found = []
@@ -219,7 +213,7 @@ def _plan(paths, input_root, output_dir, hidden_size, num_patches, fps, overwrit
             rel = os.path.relpath(source, input_root)
         else:
             rel = os.path.basename(source)
-        out = output_path(rel, output_dir)
+        out = feature_file_for(output_dir, rel)
         kind = "image" if is_image_path(source) else "video"
         if out in outputs_seen:
             report["failed"].append({"file": source, "error": f"output {out} also comes from {outputs_seen[out]}"})

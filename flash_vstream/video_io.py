@@ -31,6 +31,13 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 FEATURE_EXTENSION = ".safetensors"
 BACKENDS = ("pyav", "decord")
 
+
+def feature_file_for(folder, relative):
+    """Where the features of media file `relative` live: `folder/<relative, only its extension replaced by
+    .safetensors>` (upstream used str.replace, which also rewrote folder names containing the extension).
+    The extractor writes there and training reads from there."""
+    return os.path.join(folder, os.path.splitext(relative)[0] + FEATURE_EXTENSION)
+
 # A frame whose timestamp is within this of a sample time counts as on screen at that time.
 # decord reports float32 seconds (0.1 -> 0.10000000149); without the slack the two backends
 # would pick different frames at exact boundaries. Far below any real frame interval.

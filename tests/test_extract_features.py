@@ -12,10 +12,10 @@ import pytest
 import torch
 from PIL import Image
 
-from flash_vstream.extract_features import (collect_inputs, extract_paths, main, output_path, report_name,
+from flash_vstream.extract_features import (collect_inputs, extract_paths, main, report_name,
                                             resolve_device, resolve_shard, shard_bounds)
 from flash_vstream.mm_utils import process_images
-from flash_vstream.video_io import (load_features, load_features_with_meta, read_frames, temp_files_for,
+from flash_vstream.video_io import (feature_file_for, load_features, load_features_with_meta, read_frames, temp_files_for,
                                     valid_feature_file)
 
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
@@ -52,8 +52,8 @@ def read_report(out, name="extract_report.json"):
 
 
 def test_output_path_replaces_only_the_suffix():
-    assert output_path(os.path.join("clips.mp4", "a.mp4"), "out") == os.path.join("out", "clips.mp4", "a.safetensors")
-    assert output_path("x.tar.gz.webm", "o") == os.path.join("o", "x.tar.gz.safetensors")
+    assert feature_file_for("out", os.path.join("clips.mp4", "a.mp4")) == os.path.join("out", "clips.mp4", "a.safetensors")
+    assert feature_file_for("o", "x.tar.gz.webm") == os.path.join("o", "x.tar.gz.safetensors")
 
 
 def test_extract_folder_with_corrupt_file(media, tmp_path, tiny_clip_dir):

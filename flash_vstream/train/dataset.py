@@ -19,8 +19,8 @@ from ..constants import DEFAULT_IMAGE_TOKEN, IGNORE_INDEX
 from ..conversation import conversation_from_record
 from ..mm_utils import expand_image_tokens, process_images, tokenize_conversation, truncate_keeping_memory
 from ..model.memory import memory_num_tokens
-from ..video_io import (FEATURE_EXTENSION, FeatureLoadError, VideoReadError, load_features, load_image,
-                        read_frames, valid_feature_file)
+from ..video_io import (FeatureLoadError, VideoReadError, feature_file_for, load_features, load_image, read_frames,
+                        valid_feature_file)
 
 logger = logging.getLogger(__name__)
 
@@ -41,11 +41,6 @@ def load_records(data_path):
         if not isinstance(record, dict) or not isinstance(record.get("conversations"), list):
             raise ValueError(f"{data_path}: record {i} has no 'conversations' list")
     return records
-
-
-def feature_path(folder, relative):
-    """`<folder>/<relative with only its extension replaced by .safetensors>`."""
-    return os.path.join(folder, os.path.splitext(relative)[0] + FEATURE_EXTENSION)
 
 
 class LazySupervisedDataset(Dataset):
@@ -98,7 +93,7 @@ class LazySupervisedDataset(Dataset):
     def _media_path(self, kind, folder, relative):
         if folder is None:
             raise SampleError(f"record needs --{kind}_folder")
-        return feature_path(folder, relative) if self.use_features else os.path.join(folder, relative)
+        return feature_file_for(folder, relative) if self.use_features else os.path.join(folder, relative)
 
     def _check_media(self, record):
         media = self._media(record)
