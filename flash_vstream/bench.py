@@ -46,7 +46,7 @@ import torch
 import torch._dynamo
 
 from .bench_baselines import full_context, upstream_buffer_copy
-from .constants import DEFAULT_IMAGE_TOKEN, IMAGE_TOKEN_INDEX
+from .constants import IMAGE_TOKEN_INDEX
 from .model.fast_generate import GreedyDecoder, prefix_through_image
 from .model.language_model.configuration_vstream import PATCH_GRID
 from .model.cuda_utils import free_memory, sync
@@ -296,13 +296,10 @@ def build_vision(b):
 def prompt_ids(tokenizer, vocab_size, seed=0):
     """(L,) ids of a vicuna_v1 question with one <image>: real with a tokenizer, else random ids of that length."""
     if tokenizer is not None:
-        from .conversation import conv_templates
+        from .eval_video.inference import build_prompt
         from .mm_utils import tokenizer_image_token
 
-        conv = conv_templates["vicuna_v1"].copy()
-        conv.append_message(conv.roles[0], f"{DEFAULT_IMAGE_TOKEN}\n{QUESTION}")
-        conv.append_message(conv.roles[1], None)
-        return tokenizer_image_token(conv.get_prompt(), tokenizer, return_tensors="pt")
+        return tokenizer_image_token(build_prompt(QUESTION, "vicuna_v1"), tokenizer, return_tensors="pt")
     length, image_at = SYNTHETIC_PROMPT
     ids = torch.randint(3, vocab_size, (length,), generator=torch.Generator().manual_seed(seed))
     ids[0], ids[image_at] = 1, IMAGE_TOKEN_INDEX
