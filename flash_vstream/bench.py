@@ -47,9 +47,10 @@ import torch._dynamo
 
 from .bench_baselines import full_context, upstream_buffer_copy
 from .constants import IMAGE_TOKEN_INDEX
+from .eval_video.aggregate import write_atomic
+from .model.cuda_utils import free_memory, sync
 from .model.fast_generate import GreedyDecoder, prefix_through_image
 from .model.language_model.configuration_vstream import PATCH_GRID
-from .model.cuda_utils import free_memory, sync
 from .model.memory import STARMemory
 from .model.multimodal_encoder.fast_encoder import FastVisionEncoder
 
@@ -203,10 +204,7 @@ class Report:
         return self.data["sections"].setdefault(name, {"status": "pending", "notes": []})
 
     def save(self):
-        tmp = self.path + ".tmp"
-        with open(tmp, "w") as f:
-            json.dump(self.data, f, indent=2, default=str)
-        os.replace(tmp, self.path)
+        write_atomic(self.path, json.dumps(self.data, indent=2, default=str))
 
 
 # --- building -----------------------------------------------------------------------------------------

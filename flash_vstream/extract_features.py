@@ -25,6 +25,7 @@ import time
 
 import torch
 
+from .eval_video.aggregate import write_atomic
 from .mm_utils import process_images
 from .video_io import (IMAGE_EXTENSIONS, VIDEO_EXTENSIONS, VideoReadError, feature_file_for, is_image_path,
                        is_url, is_video_path, iter_frames, load_image, save_features, temp_files_for,
@@ -339,13 +340,6 @@ def _run(jobs, encoder, metadata, fps, backend, batch_size, end, num_workers, de
     return done, frames
 
 
-def _write_json(path, data):
-    tmp = f"{path}.{os.getpid()}.tmp"
-    with open(tmp, "w") as f:
-        json.dump(data, f, indent=1)
-    os.replace(tmp, path)
-
-
 def extract_paths(paths, input_root, output_dir, vision_tower, fps=1.0, dtype="fp16", device="cpu",
                   batch_size=64, image_aspect_ratio="pad", backend="pyav", overwrite=False,
                   num_workers=4, decode_threads=None, end=None, compile=False, report_path=None, failed=None,
@@ -387,7 +381,7 @@ def extract_paths(paths, input_root, output_dir, vision_tower, fps=1.0, dtype="f
                             "end": end, "extractor_version": EXTRACTOR_VERSION})
     if report_path:
         os.makedirs(os.path.dirname(os.path.abspath(report_path)), exist_ok=True)
-        _write_json(report_path, report)
+        write_atomic(report_path, json.dumps(report, indent=1))
     return report
 
 
