@@ -175,11 +175,11 @@ class Bench:
     def random_features(self, n):
         return torch.randn(n, PATCH_GRID**2, self.config.mm_hidden_size, device=self.device, dtype=self.dtype)
 
-    def new_decoder(self, memory_tokens, cuda_graph, compile_step):
+    def new_decoder(self, memory_tokens, cuda_graph, compile_step, fused_step=None):
         need = len(self.prompt_ids) - 1 + memory_tokens + max(self.args.answer_tokens, self.preset["decode_steps"]) + 2
         options = {"mode": self.args.decode_compile_mode} if self.args.decode_compile_mode else None
         return GreedyDecoder(self.model, max_cache_len=need, cuda_graph=cuda_graph, compile_step=compile_step,
-                             compile_options=options)
+                             compile_options=options, fused_step=fused_step)
 
     def get_decoder(self, memory_tokens):
         """The decoder the decode section found fastest (a default one if that section did not run)."""
@@ -353,9 +353,9 @@ def snapshot_tokens(b, frames=30):
     return memory.read()
 
 
-# decoder variants, simplest first: what each optimisation buys (name, CUDA graph, compiled step)
-DECODER_VARIANTS = (("static_cache_eager", False, False), ("cuda_graph", True, False),
-                    ("compiled_cuda_graph", True, True))
+# decoder variants, simplest first: what each optimisation buys (name, CUDA graph, compiled step, fused weights)
+DECODER_VARIANTS = (("static_cache_eager", False, False, False), ("cuda_graph", True, False, False),
+                    ("compiled_cuda_graph", True, True, False), ("fused_compiled_cuda_graph", True, True, True))
 
 
 def section_decode(b, out):
@@ -378,7 +378,7 @@ def section_decode(b, out):
 
     # GreedyDecoder: static cache, then + CUDA graph of the step, then + compiled step
     best, best_rate, reference = None, -1.0, None
-    for name, graph, compiled in DECODER_VARIANTS:
+    for name, graph, compiled, fused in DECODER_VARIANTS:
         if graph and device.type != "cuda":
             out["notes"].append(f"{name} skipped: not a CUDA device")
             continue
@@ -388,7 +388,7 @@ def section_decode(b, out):
         if compiled and b.time_left() < COMPILE_MIN_TIME_S:
             out["notes"].append(f"{name} skipped: {b.time_left():.0f} s left of the time budget")
             continue
-        decoder = b.new_decoder(int(tokens.shape[0]), cuda_graph=graph, compile_step=compiled)
+        decoder = b.new_decoder(int(tokens.shape[0]), cuda_graph=graph, compile_step=compiled, fused_step=fused)
         setup_ms, _ = timed_ms(device, decoder.setup)
         res = {"mode": decoder.mode, "setup_ms": round(setup_ms, 1), "errors": decoder.errors,
                "max_cache_len": decoder.max_cache_len}
@@ -417,10 +417,10 @@ def section_decode(b, out):
         log(f"  {name} ({decoder.mode}): setup {res['setup_ms']:.0f} ms, answer {res['answer_ms']['p50']:.0f} ms, "
             f"decode {res['decode_only_tokens_per_s']} tokens/s")
         if res["decode_only_tokens_per_s"] > best_rate:
-            if best is not None and best[1].mode.startswith("compiled"):
+            if best is not None and "compiled" in best[1].mode:
                 torch._dynamo.reset()  # the discarded compiled step must not keep its static cache alive
             best, best_rate = (name, decoder), res["decode_only_tokens_per_s"]
-        elif decoder.mode.startswith("compiled"):
+        elif "compiled" in decoder.mode:
             torch._dynamo.reset()
         del decoder
         free_memory(device)
@@ -641,7 +641,7 @@ def section_extraction(b, out):
             out["compile_s"] = round(ms / 1e3, 1)
             out["compiled_vs_stock_rel_err"] = rel_err(y, b.tower(x))
         except Exception as error:  # noqa: BLE001 -- compile is optional: record and keep eager numbers
-            b.fast_vision.compiled_layers = None
+            b.fast_vision.uncompile()
             out["notes"].append(f"torch.compile failed, eager numbers only: {type(error).__name__}: {str(error)[:500]}")
             want = False
     for row in rows:

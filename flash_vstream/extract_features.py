@@ -151,6 +151,7 @@ class FrameEncoder:
 
     def __init__(self, vision_tower, device="cpu", dtype="fp16", image_aspect_ratio="pad", compile=False):
         from .model.multimodal_encoder.clip_encoder import CLIPVisionTower
+        from .model.multimodal_encoder.fast_encoder import FastVisionEncoder
 
         if dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
@@ -168,7 +169,11 @@ class FrameEncoder:
         self.hidden_size = self.tower.hidden_size
         self.num_patches = self.tower.num_patches
         self.on_cuda = self.tower.device.type == "cuda"
-        self._forward = torch.compile(self.tower.forward) if compile else self.tower.forward
+        # the tower's own features, computed by the fast encoder (it stops at the selected layer, fuses
+        # q/k/v and runs the patch embedding as one product; `compile` adds regional torch.compile)
+        self._forward = FastVisionEncoder(self.tower.vision_tower, self.tower.select_layer, self.tower.select_feature)
+        if compile:
+            self._forward.compile()
 
     def preprocess(self, frames):
         pixels = process_images(frames, self.image_processor, self.image_aspect_ratio)  # (B, 3, S, S)

@@ -188,6 +188,75 @@ def test_compiled_decode_step_traces_and_matches(tiny_model):
     assert torch.equal(decoder.generate(ids, memory, max_new_tokens=10), _reference(tiny_model, ids, memory, 10, None))
 
 
+def _fresh_model(seed=0, **overrides):
+    """A tiny model of its own (fusing rewrites the weights' storage: keep the shared fixture untouched)."""
+    torch.manual_seed(seed)
+    config = tiny_vstream_config(vocab_size=300, clip_dir=None, clip_hidden=32)
+    for key, value in overrides.items():
+        setattr(config, key, value)
+    return VStreamLlamaForCausalLM._from_config(config, attn_implementation="sdpa", dtype=torch.float32).eval()
+
+
+@pytest.mark.parametrize("kv_heads", [4, 2])  # plain attention, and grouped-query attention
+def test_fused_decode_step_equals_generate(kv_heads):
+    """The fused-weight step (what the GPU graph captures) gives `generate`'s tokens, compiled (dynamo
+    trace, eager backend) or not, and fusing changes neither the model's values nor its parameter count."""
+    model = _fresh_model(4, num_key_value_heads=kv_heads)
+    assert model.get_model().layers[0].self_attn.k_proj.out_features == 64 // 4 * kv_heads
+    ids, memory = torch.tensor([1, 45, IMAGE_TOKEN_INDEX, 17, 33]), torch.randn(681, 32)
+    reference = _reference(model, ids, memory, 12, None)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    for compiled in (False, True):
+        decoder = GreedyDecoder(model, max_cache_len=768, fused_step=True, compile_step=compiled,
+                                compile_options={"backend": "eager"})
+        decoder.setup()
+        assert decoder.mode == ("fused_compiled_eager" if compiled else "fused_eager"), decoder.errors
+        assert torch.equal(decoder.generate(ids, memory, max_new_tokens=12), reference)
+    # the step's logits themselves, against the model's forward over the same prefilled cache
+    plain, fused = (GreedyDecoder(model, max_cache_len=768, fused_step=f) for f in (False, True))
+    logits = []
+    with torch.inference_mode():
+        for decoder in (plain, fused):
+            decoder.prefill(ids, memory)
+            decoder.decode(3)
+            logits.append(decoder._step_fn(decoder._ids, decoder._pos, decoder._mask(decoder._pos)))
+    assert fused.mode == "fused_eager" and plain.mode == "eager"
+    torch.testing.assert_close(logits[1], logits[0], rtol=1e-5, atol=1e-5)
+    attn = model.get_model().layers[1].self_attn
+    assert attn.k_proj.weight.data_ptr() == attn.fused_qkv_weight[attn.q_proj.out_features].data_ptr()
+    assert {k: v.shape for k, v in model.state_dict().items()} == {k: v.shape for k, v in state.items()}
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in state.items())
+    assert torch.equal(_reference(model, ids, memory, 12, None), reference)  # the model's own forward too
+
+
+def test_fusing_is_idempotent_and_follows_reloaded_weights():
+    from flash_vstream.model.fused_decode import fuse_projections
+
+    model = _fresh_model(5)
+    first = fuse_projections(model)
+    again = fuse_projections(model)
+    assert all(a[0] is b[0] and a[1] is b[1] for a, b in zip(first, again))  # nothing copied twice
+    mlp = model.get_model().layers[0].mlp
+    mlp.up_proj.weight = torch.nn.Parameter(torch.randn_like(mlp.up_proj.weight))  # e.g. a reload
+    third = fuse_projections(model)
+    assert third[0][1] is not first[0][1] and torch.equal(third[0][1][mlp.gate_proj.out_features:],
+                                                          mlp.up_proj.weight)
+    assert third[1][1] is first[1][1]
+
+
+def test_fused_step_refuses_a_layer_it_does_not_model():
+    from flash_vstream.model.fused_decode import FusedDecodeStep
+
+    biased = _fresh_model(6, attention_bias=True)
+    with pytest.raises(NotImplementedError, match="biases"):
+        FusedDecodeStep(biased)
+    decoder = GreedyDecoder(biased, max_cache_len=768, fused_step=True)
+    decoder.setup()  # off CUDA only the first choice is tried: its failure is recorded, the model's step runs
+    assert decoder.mode == "eager" and "biases" in decoder.errors["fused"]
+    ids = torch.tensor([1, 45, 17, 33])
+    assert torch.equal(decoder.generate(ids, max_new_tokens=5), _reference(biased, ids, None, 5, None))
+
+
 def test_watchdog_ends_a_run_that_overstays(tmp_path):
     """--hard-limit-s ends the process with tracebacks (a hung CUDA call cannot hold the run past it)."""
     import subprocess
@@ -239,3 +308,38 @@ def test_graphed_steps_never_read_the_device_from_the_host(tiny_model, monkeypat
         with monkeypatch.context() as patch, torch.inference_mode():
             patch.setattr(torch.Tensor, "__bool__", no_host_read)
             tiny_model(input_ids=torch.tensor([[1, 5, 7]]))  # several ids: forward looks for <image> (a read)
+
+
+def test_fast_vision_encoder_paths():
+    """One frame and eager(): the tower's own modules, bit for bit. The batched path (fused q/k/v, patch
+    embedding as a product; compiled on CUDA) computes the same features up to rounding, and fusing
+    re-points the tower's weights instead of copying them."""
+    from transformers import CLIPVisionConfig, CLIPVisionModel
+
+    from flash_vstream.model.multimodal_encoder.fast_encoder import FastVisionEncoder
+
+    config = CLIPVisionConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
+                              image_size=28, patch_size=14, hidden_act="quick_gelu")
+    torch.manual_seed(7)
+    clip = CLIPVisionModel._from_config(config, attn_implementation="sdpa").eval()
+    pixels = torch.randn(3, 3, 28, 28)
+    with torch.no_grad():
+        stock = clip(pixels, output_hidden_states=True).hidden_states[-2]  # (3, 1 + 4, 64)
+        one = clip(pixels[:1], output_hidden_states=True).hidden_states[-2][:, 1:]  # CPU kernels round per batch size
+    fast = FastVisionEncoder(clip, select_layer=-2, select_feature="patch")
+    assert len(fast.layers) == 2
+    assert torch.equal(fast.eager(pixels), stock[:, 1:]) and torch.equal(fast(pixels[:1]), one)
+    fused = fast.fused(pixels)
+    torch.testing.assert_close(fused, stock[:, 1:], rtol=1e-5, atol=1e-5)
+    attn = fast.layers[1].self_attn
+    assert attn.v_proj.weight.data_ptr() == attn.fused_qkv_weight[2 * 64].data_ptr()
+    assert attn.k_proj.bias.data_ptr() == attn.fused_qkv_bias[64:].data_ptr()
+    with torch.no_grad():  # the tower itself still computes the same
+        assert torch.equal(clip(pixels, output_hidden_states=True).hidden_states[-2], stock)
+    fast.compile(backend="eager")  # the trace alone (quick on CPU); the GPU compiles with Inductor
+    assert fast.compiled and torch.equal(fast(pixels), fused)
+    assert torch.equal(fast(pixels[:1]), one)  # one frame keeps the exact path
+    keep_cls = FastVisionEncoder(clip, select_layer=1, select_feature="cls_patch")
+    with torch.no_grad():
+        torch.testing.assert_close(keep_cls.fused(pixels), clip(pixels, output_hidden_states=True).hidden_states[1],
+                                   rtol=1e-5, atol=1e-5)

@@ -34,7 +34,8 @@ import torch
 
 from ..constants import IMAGE_TOKEN_INDEX
 from ..mm_utils import expand_image_tokens
-from .cuda_utils import capture_graph
+from .cuda_utils import capture_graph, free_memory
+from .fused_decode import FusedDecodeStep, fuse_projections
 
 CACHE_ALIGN = 128  # static cache lengths are multiples of this (keeps SDPA's mask aligned, few distinct sizes)
 SUFFIX_BUCKET = 32  # a question after a cached prefix runs padded to a multiple of this (one graph per size)
@@ -88,7 +89,7 @@ class GreedyDecoder:
     """
 
     def __init__(self, model, max_cache_len=1024, cuda_graph=None, compile_step=None, compile_options=None,
-                 warmup_steps=3, check_every=16, pad_suffix=None):
+                 warmup_steps=3, check_every=16, pad_suffix=None, fused_step=None):
         self.model = model
         self.device = model.device
         self.dtype = model.get_model().embed_tokens.weight.dtype
@@ -99,10 +100,12 @@ class GreedyDecoder:
             raise ValueError("cuda_graph=True needs the model on a CUDA device")
         self.compile_step = self.cuda_graph if compile_step is None else bool(compile_step)
         self.compile_options = {"dynamic": False, **(compile_options or {})}
+        # the decode step over fused q/k/v and gate/up weights (model/fused_decode.py), else the model's forward
+        self.fused_step = self.cuda_graph if fused_step is None else bool(fused_step)
         self.warmup_steps = max(1, int(warmup_steps))
         self.check_every = max(1, int(check_every))
         self.errors = {}  # setup failures by attempt ("compiled", "eager")
-        self.mode = "eager"  # how decode steps run: [compiled_]cuda_graph or [compiled_]eager
+        self.mode = "eager"  # how decode steps run: [fused_][compiled_]cuda_graph or [fused_][compiled_]eager
         self._cache_kw = _cache_kwarg(model)
         self._cache = make_static_cache(model.config, self.max_cache_len, self.device, self.dtype)
         long = dict(dtype=torch.long, device=self.device)
@@ -111,7 +114,7 @@ class GreedyDecoder:
         self._count = torch.zeros(1, **long)  # tokens generated so far
         self._tokens = torch.zeros(self.max_cache_len, **long)  # generated tokens, on device
         self._slots = torch.arange(self.max_cache_len, **long)  # (L,) cache positions
-        self._step_model = model  # what the decode step calls: the model, or its compiled wrapper
+        self._step_fn = self._model_step(model)  # (ids (1, 1), position (1,), mask) -> logits (1, vocab)
         self._graph = None
         self._length = None  # prompt length of the current answer
         self._prefix = None  # (ids, memory, length) of the prompt prefix kept in cache slots [0, length)
@@ -124,7 +127,7 @@ class GreedyDecoder:
         # thread launches work on the GPU can fail; the session turns this off after warming up sizes)
         self.capture_new_suffixes = True
         self._generated = 0  # tokens generated since the last prefill (host-side count)
-        self._ready = not (self.cuda_graph or self.compile_step)  # nothing to set up for the plain loop
+        self._ready = not (self.cuda_graph or self.compile_step or self.fused_step)  # the plain loop: nothing to set up
 
     # --- setup: compile, warm up, capture -----------------------------------------------------------
     @torch.inference_mode()
@@ -134,27 +137,54 @@ class GreedyDecoder:
         if self._ready:
             return self
         self._ready = True
+        if self.cuda_graph:
+            self._fuse_weights()
         graph = "cuda_graph" if self.cuda_graph else "eager"
-        attempts = (("compiled", "eager") if self.compile_step else ("eager",))
-        for attempt in attempts if self.cuda_graph else attempts[:1]:
+        attempts = [(name, fused, compiled) for name, fused, compiled in (
+            ("fused_compiled", True, True), ("compiled", False, True), ("fused", True, False), ("eager", False, False))
+            if (self.fused_step or not fused) and (self.compile_step or not compiled)]
+        for name, fused, compiled in attempts if self.cuda_graph else attempts[:1]:
             try:
-                compiled = attempt == "compiled"
-                self._step_model = torch.compile(self.model, **self.compile_options) if compiled else self.model
+                self._step_fn = self._fused_step(compiled) if fused else self._model_step(
+                    torch.compile(self.model, **self.compile_options) if compiled else self.model)
                 self.prefill(torch.ones(1, dtype=torch.long))
                 if self.cuda_graph:  # warm-up (and compilation) off the capture; the recording changes no state
                     self._graph, _ = capture_graph(self._step, self.device, self.warmup_steps)
                 else:
                     for _ in range(self.warmup_steps):  # compiles
                         self._step()
-                self.mode = f"compiled_{graph}" if compiled else graph
+                self.mode = f"{name}_{graph}" if name != "eager" else graph
                 return self
             except Exception as error:  # noqa: BLE001 -- any failure: record it, try the next simpler step
-                self.errors[attempt] = f"{type(error).__name__}: {str(error)[:1000]}"
+                self.errors[name] = f"{type(error).__name__}: {str(error)[:1000]}"
                 self._graph = None
                 if self.device.type == "cuda":
                     torch.cuda.synchronize(self.device)
-        self._step_model, self.mode = self.model, "eager"
+        self._step_fn, self.mode = self._model_step(self.model), "eager"
         return self
+
+    def _fuse_weights(self):
+        """Fuse q/k/v and gate/up weights before anything is captured (model/fused_decode.py), even when this
+        decoder's step does not use them: graphs hold weight addresses, and fusing later would leave any
+        other decoder's graph on this model reading freed memory."""
+        try:
+            fuse_projections(self.model)
+        except NotImplementedError as error:
+            self.errors["fuse"] = f"not fused: {error}"
+        free_memory(self.device)  # the unfused weights' blocks
+
+    def _model_step(self, model):
+        def step(ids, position, mask):
+            return self._forward(model, input_ids=ids, position_ids=position.view(1, 1), attention_mask=mask)
+        return step
+
+    def _fused_step(self, compiled):
+        fused = FusedDecodeStep(self.model)
+        run = torch.compile(fused.__call__, **self.compile_options) if compiled else fused
+
+        def step(ids, position, mask):
+            return run(ids, position, mask, self._cache)
+        return step
 
     # --- prompt -----------------------------------------------------------------------------------
     def embed(self, input_ids, memory=None):
@@ -314,8 +344,7 @@ class GreedyDecoder:
     # --- decode -----------------------------------------------------------------------------------
     def _step(self):
         """One decode step, device-side only (this is what the graph captures)."""
-        logits = self._forward(self._step_model, input_ids=self._ids, position_ids=self._pos.view(1, 1),
-                               attention_mask=self._mask(self._pos))
+        logits = self._step_fn(self._ids, self._pos, self._mask(self._pos))
         token = logits.argmax(dim=-1)  # (1,)
         self._ids.copy_(token.view(1, 1))
         self._tokens.index_copy_(0, self._count, token)

@@ -1,12 +1,14 @@
 """`FastVisionEncoder`: the CLIP patch features `CLIPVisionTower` returns, computed faster.
 
-Used by the realtime session (one frame at a time: a CUDA graph) and by the benchmark (batched
-extraction: regional `torch.compile`).
+Used by the realtime session (one frame at a time: a CUDA graph), the feature extractor and the
+benchmark (batched: regional `torch.compile`).
 """
 
 import torch
+import torch.nn.functional as F
 
 from ..cuda_utils import capture_graph, sync
+from ..fusing import fuse_linears
 
 
 class FastVisionEncoder:
@@ -14,31 +16,94 @@ class FastVisionEncoder:
 
     - Stops after the selected layer. The stock forward runs every layer and keeps every hidden state;
       with the released select_layer=-2 the last of ViT-L's 24 layers is wasted work.
-    - `compile()`: regional torch.compile of the encoder layers (one compiled graph, shared by all
-      layers and every batch size >= 2) for batched extraction; fuses the QuickGELU, LayerNorm and
-      residual element-wise work the eager layer runs as separate memory-bound kernels.
     - `capture()`: a CUDA graph of the whole batch-1 forward for streaming: one launch instead of ~400
       small kernels, which is what a one-frame forward is limited by.
+    - `compile()`, for batched extraction: regional torch.compile of one layer function (one compiled
+      graph shared by all layers and batch sizes >= 2) and of the embedding, which fuses the QuickGELU,
+      LayerNorm and residual element-wise work into a few kernels. That path (`fused()` uncompiled)
+      also runs each layer's q/k/v projections as one product (`fusing.fuse_linears`: the tower's own
+      weights re-pointed into one matrix, no extra memory) and the patch embedding (a stride-14
+      14x14 convolution) as one matrix product over the flattened patches instead of a cuDNN
+      convolution with two layout conversions (2.4 of 83 ms at batch 256 on an H100).
+
+    One frame (and `eager()`) runs the tower's own modules, so its features equal `CLIPVisionTower`'s
+    bit for bit (the realtime session's equality checks rely on it); the batched path rounds
+    differently, as any compiled kernel does.
     """
 
     def __init__(self, vision_model, select_layer=-2, select_feature="patch"):
+        """Build it after the tower has its final device and dtype: it keeps views of the tower's weights."""
         core = getattr(vision_model, "vision_model", vision_model)  # 5.x: the CLIPVisionModel itself
-        self.embeddings, self.pre_norm = core.embeddings, core.pre_layrnorm
+        self.embeddings = emb = core.embeddings
+        self.pre_norm = core.pre_layrnorm
+        conv = emb.patch_embedding
+        self.patch = conv.kernel_size[0]
+        self.patch_weight = conv.weight.reshape(conv.out_channels, -1)  # (D, 3 * p * p): a view, channel-major
+        self.patch_bias = conv.bias
+        self.class_embedding = emb.class_embedding  # (D,)
+        self.position_embedding = emb.position_embedding.weight  # (1 + 256, D)
         layers = core.encoder.layers
         keep = len(layers) + 1 + select_layer if select_layer < 0 else select_layer  # hidden_states[i] = after i layers
         self.layers = list(layers[:keep])
+        attn = self.layers[0].self_attn if self.layers else None
+        self.heads = attn.num_heads if attn is not None else 0
+        self.scale = attn.scale if attn is not None else None
+        self.act = self.layers[0].mlp.activation_fn if self.layers else None  # one activation for all layers
+        self._weights = None  # per layer, for the fused path: built (and q/k/v fused) at its first use
         self.skip_cls = select_feature == "patch"
         first = next(vision_model.parameters())
         self.device, self.dtype = first.device, first.dtype
-        self.compiled_layers = None
+        self._layer, self._embed = self.layer_forward, self.embed  # compile() swaps in compiled versions
+        self.compiled = False
         self.graph_error = None
         self._graph = None
 
-    def _run(self, pixels, layers):
-        hidden = self.pre_norm(self.embeddings(pixels.to(device=self.device, dtype=self.dtype)))  # (B, 1 + 256, D)
-        for layer in layers:
-            out = layer(hidden, None)
-            hidden = out[0] if isinstance(out, tuple) else out  # (B, 1 + 256, D)
+    @staticmethod
+    def _layer_weights(layer):
+        attn, mlp = layer.self_attn, layer.mlp
+        qkv_weight, qkv_bias = fuse_linears([attn.q_proj, attn.k_proj, attn.v_proj], attn, "fused_qkv")
+        return dict(norm1=(layer.layer_norm1.weight, layer.layer_norm1.bias, layer.layer_norm1.eps),
+                    qkv=(qkv_weight, qkv_bias), out=(attn.out_proj.weight, attn.out_proj.bias),
+                    norm2=(layer.layer_norm2.weight, layer.layer_norm2.bias, layer.layer_norm2.eps),
+                    fc1=(mlp.fc1.weight, mlp.fc1.bias), fc2=(mlp.fc2.weight, mlp.fc2.bias))
+
+    def embed(self, pixels):
+        """(B, 3, S, S) -> (B, 1 + 256, D): class token and patch tokens plus positions, pre-LayerNorm."""
+        b, c, s, _ = pixels.shape
+        grid = s // self.patch
+        patches = pixels.view(b, c, grid, self.patch, grid, self.patch).permute(0, 2, 4, 1, 3, 5)
+        tokens = F.linear(patches.reshape(b, grid * grid, -1), self.patch_weight, self.patch_bias)  # (B, 256, D)
+        cls = self.class_embedding.view(1, 1, -1).expand(b, 1, -1)
+        return self.pre_norm(torch.cat([cls, tokens], dim=1) + self.position_embedding)
+
+    def layer_forward(self, hidden, w):
+        """One CLIP encoder layer (pre-LN attention and MLP, residuals) over `w` from `_layer_weights`."""
+        b, n, d = hidden.shape
+        x = F.layer_norm(hidden, (d,), *w["norm1"])
+        q, k, v = F.linear(x, *w["qkv"]).view(b, n, 3, self.heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
+        attn = F.scaled_dot_product_attention(q, k, v, scale=self.scale)  # (B, heads, N, hd)
+        hidden = hidden + F.linear(attn.transpose(1, 2).reshape(b, n, d), *w["out"])
+        x = self.act(F.linear(F.layer_norm(hidden, (d,), *w["norm2"]), *w["fc1"]))
+        return hidden + F.linear(x, *w["fc2"])
+
+    def stock_embed(self, pixels):
+        return self.pre_norm(self.embeddings(pixels))
+
+    @staticmethod
+    def stock_layer(hidden, layer):
+        out = layer(hidden, None)
+        return out[0] if isinstance(out, tuple) else out
+
+    @property
+    def weights(self):
+        if self._weights is None:
+            self._weights = [self._layer_weights(layer) for layer in self.layers]
+        return self._weights
+
+    def _run(self, pixels, embed, layer, per_layer):
+        hidden = embed(pixels.to(device=self.device, dtype=self.dtype))  # (B, 1 + 256, D)
+        for item in per_layer:
+            hidden = layer(hidden, item)
         return hidden[:, 1:] if self.skip_cls else hidden  # (B, 256, D)
 
     @torch.inference_mode()
@@ -48,16 +113,30 @@ class FastVisionEncoder:
             self._static_in.copy_(pixels)
             self._graph.replay()
             return self._static_out.clone()
-        use_compiled = self.compiled_layers is not None and pixels.shape[0] > 1
-        return self._run(pixels, self.compiled_layers if use_compiled else self.layers)
+        if pixels.shape[0] > 1 and self.compiled:
+            return self._run(pixels, self._embed, self._layer, self.weights)
+        return self.eager(pixels)
 
     def eager(self, pixels):
+        """The tower's own modules, stopped at the selected layer."""
         with torch.inference_mode():
-            return self._run(pixels, self.layers)
+            return self._run(pixels, self.stock_embed, self.stock_layer, self.layers)
 
-    def compile(self, mode=None):
-        """Wrap each layer in torch.compile (compiles lazily, at the first batched call)."""
-        self.compiled_layers = [torch.compile(layer, dynamic=True, mode=mode) for layer in self.layers]
+    def fused(self, pixels):
+        """What `compile()` compiles, run uncompiled: fused q/k/v, patch embedding as a product."""
+        with torch.inference_mode():
+            return self._run(pixels, self.embed, self.layer_forward, self.weights)
+
+    def compile(self, mode=None, **options):
+        """Compile the embedding and the layer function (lazily, at the first batched call)."""
+        self.weights  # fuse q/k/v now, not inside the first compiled call
+        self._embed = torch.compile(self.embed, dynamic=True, mode=mode, **options)
+        self._layer = torch.compile(self.layer_forward, dynamic=True, mode=mode, **options)
+        self.compiled = True
+
+    def uncompile(self):
+        self._layer, self._embed = self.layer_forward, self.embed
+        self.compiled = False
 
     @torch.inference_mode()
     def capture(self, image_size, warmup=3):
@@ -65,8 +144,8 @@ class FastVisionEncoder:
         try:
             self._static_in = torch.randn(1, 3, image_size, image_size, device=self.device, dtype=self.dtype)
             # _static_out: (1, 256, D) in the graph's pool, rewritten by every replay
-            self._graph, self._static_out = capture_graph(lambda: self._run(self._static_in, self.layers),
-                                                          self.device, warmup)
+            self._graph, self._static_out = capture_graph(
+                lambda: self._run(self._static_in, self.stock_embed, self.stock_layer, self.layers), self.device, warmup)
         except Exception as error:  # noqa: BLE001 -- any failure: keep the eager forward
             self._graph = None
             self.graph_error = f"{type(error).__name__}: {error}"

@@ -1,0 +1,87 @@
+"""One decode step of the LLaMA stack over fused projection weights (what `GreedyDecoder` captures on CUDA).
+
+At batch 1 a decode step is seven matrix-vector products per layer, each reading its whole weight
+matrix: the step is bound by memory bandwidth, and the small ones (4096 x 4096, 32 MB in bf16) reach
+less of it than the large ones. `fuse_projections` stores q/k/v as one (3 * 4096, 4096) matrix and
+gate/up as one (2 * 11008, 4096) matrix and points the model's own `nn.Linear` weights at row slices
+of them: the same values and the same memory, every other code path (prefill, `generate`, training)
+unchanged. `FusedDecodeStep` then runs a layer as four products instead of seven.
+
+It reads and writes the K/V tensors of the transformers `StaticCache` that the model's own forward
+fills, so a prompt prefilled by the model continues here. Only the plain LLaMA layer is supported
+(no projection biases, one tensor-parallel slice); `FusedDecodeStep` raises `NotImplementedError`
+for anything else and the decoder keeps the model's own step.
+"""
+
+import torch.nn.functional as F
+from torch import nn
+
+from .fusing import fuse_linears
+
+
+def _check_supported(model):
+    config = model.config
+    if getattr(config, "pretraining_tp", 1) not in (None, 1):
+        raise NotImplementedError("pretraining_tp > 1")
+    for i, layer in enumerate(model.get_model().layers):
+        attn, mlp = getattr(layer, "self_attn", None), getattr(layer, "mlp", None)
+        names = ("q_proj", "k_proj", "v_proj", "o_proj")
+        if attn is None or mlp is None or not all(isinstance(getattr(attn, n, None), nn.Linear) for n in names) or \
+                not all(isinstance(getattr(mlp, n, None), nn.Linear) for n in ("gate_proj", "up_proj", "down_proj")):
+            raise NotImplementedError(f"layer {i} is not a plain LLaMA layer")
+        if any(getattr(attn, n).bias is not None for n in names) or \
+                any(getattr(mlp, n).bias is not None for n in ("gate_proj", "up_proj", "down_proj")):
+            raise NotImplementedError(f"layer {i} has projection biases")
+
+
+def fuse_projections(model):
+    """Fuse every layer's q/k/v and gate/up weights in place (same values, same memory; idempotent).
+    Returns [(qkv (Nq + 2 Nkv, H), gate_up (2 I, H))] per layer."""
+    _check_supported(model)
+    fused = []
+    for layer in model.get_model().layers:
+        attn, mlp = layer.self_attn, layer.mlp
+        fused.append((fuse_linears([attn.q_proj, attn.k_proj, attn.v_proj], attn, "fused_qkv")[0],
+                      fuse_linears([mlp.gate_proj, mlp.up_proj], mlp, "fused_gate_up")[0]))
+    return fused
+
+
+class FusedDecodeStep:
+    """`step(ids (1, 1), position (1,), mask (1, 1, 1, L), cache)` -> logits (1, vocab) of the next token,
+    writing the token's K/V into `cache` (a `StaticCache` already filled by the model's prefill) at
+    `position`. The same arithmetic as the model's forward for one token, with q/k/v and gate/up each
+    one product. Fuses the model's weights when built (see `fuse_projections`)."""
+
+    def __init__(self, model):
+        from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+        self.model = model
+        self.body = model.get_model()
+        self.weights = fuse_projections(model)
+        self._rotate = apply_rotary_pos_emb
+        attn = self.body.layers[0].self_attn
+        self.head_dim = attn.head_dim
+        self.q_size = attn.q_proj.out_features
+        self.kv_size = attn.k_proj.out_features
+        self.intermediate = self.body.layers[0].mlp.gate_proj.out_features
+        self.scaling = attn.scaling
+        self.gqa = self.q_size != self.kv_size
+
+    def __call__(self, ids, position, mask, cache):
+        body, hd = self.body, self.head_dim
+        hidden = body.embed_tokens(ids)  # (1, 1, H)
+        cos, sin = body.rotary_emb(hidden, position.view(1, 1))
+        for layer, (qkv_w, gate_up_w), kv in zip(body.layers, self.weights, cache.layers):
+            x = layer.input_layernorm(hidden)
+            q, k, v = F.linear(x, qkv_w).split((self.q_size, self.kv_size, self.kv_size), dim=-1)
+            q = q.view(1, 1, -1, hd).transpose(1, 2)  # (1, heads, 1, hd)
+            k = k.view(1, 1, -1, hd).transpose(1, 2)  # (1, kv heads, 1, hd)
+            q, k = self._rotate(q, k, cos, sin)
+            kv.keys.index_copy_(2, position, k)
+            kv.values.index_copy_(2, position, v.view(1, 1, -1, hd).transpose(1, 2))
+            attn = F.scaled_dot_product_attention(q, kv.keys, kv.values, attn_mask=mask, scale=self.scaling,
+                                                  enable_gqa=self.gqa)  # (1, heads, 1, hd)
+            hidden = hidden + layer.self_attn.o_proj(attn.transpose(1, 2).reshape(1, 1, -1))
+            gate, up = F.linear(layer.post_attention_layernorm(hidden), gate_up_w).split(self.intermediate, dim=-1)
+            hidden = hidden + layer.mlp.down_proj(layer.mlp.act_fn(gate) * up)
+        return self.model.lm_head(body.norm(hidden))[:, -1]  # (1, vocab)

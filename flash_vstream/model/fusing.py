@@ -1,0 +1,52 @@
+"""Fusing several `nn.Linear`s that read the same input into one matrix, in place.
+
+Used by the fast decode step (q/k/v and gate/up of each LLaMA layer) and the fast CLIP encoder (q/k/v
+of each layer): one large product reads its weights closer to the memory bandwidth than three small
+ones, and costs one launch instead of three.
+"""
+
+import torch
+from torch import nn
+
+
+def _is_fused(parts, fused):
+    """Whether `parts` (tensors) are consecutive row slices of `fused`, in order."""
+    start = 0
+    for part in parts:
+        if part.shape[1:] != fused.shape[1:] or start + part.shape[0] > fused.shape[0] or \
+                part.data_ptr() != fused[start].data_ptr():
+            return False
+        start += part.shape[0]
+    return start == fused.shape[0]
+
+
+def fuse_linears(linears, owner, name):
+    """Point these `nn.Linear`s' weights (and biases, if all have one) at consecutive row slices of one new
+    tensor each -> (weight (sum of outputs, inputs), bias (sum of outputs,) or None).
+
+    The same values and the same memory: the old tensors are freed, and the modules keep working for
+    every other code path. The fused tensors are kept as plain attributes `owner.<name>_weight` and
+    `owner.<name>_bias` (not parameters or buffers: `state_dict` is unchanged). Idempotent while the
+    modules still point into them; after a reload or `.to()` replaced a weight, they are built again.
+    """
+    has_bias = all(linear.bias is not None for linear in linears)
+    if not has_bias and any(linear.bias is not None for linear in linears):
+        raise ValueError(f"{name}: some of the layers to fuse have a bias and some do not")
+    kinds = ("weight", "bias") if has_bias else ("weight",)
+    cached = [getattr(owner, f"{name}_{kind}", None) for kind in kinds]
+    if all(c is not None and _is_fused([getattr(linear, kind) for linear in linears], c)
+           for c, kind in zip(cached, kinds)):
+        return cached[0], cached[1] if has_bias else None
+    fused = []
+    with torch.inference_mode(False), torch.no_grad():  # ordinary tensors: the model may be trained later
+        for kind in kinds:
+            tensor = torch.cat([getattr(linear, kind).detach() for linear in linears], dim=0)
+            start = 0
+            for linear in linears:
+                old = getattr(linear, kind)
+                rows = old.shape[0]
+                setattr(linear, kind, nn.Parameter(tensor[start:start + rows], requires_grad=old.requires_grad))
+                start += rows
+            setattr(owner, f"{name}_{kind}", tensor)
+            fused.append(tensor)
+    return fused[0], fused[1] if has_bias else None
