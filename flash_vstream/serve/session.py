@@ -25,6 +25,7 @@ Sampling (temperature > 0) and templates whose stop string is not EOS use `model
 
 import bisect
 import dataclasses
+import gc
 import threading
 import time
 
@@ -206,6 +207,11 @@ class StreamSession:
                                          sizes=SUFFIX_SIZES)
                 # later sizes run eagerly: capturing while the ingest thread uses the GPU could fail
                 decoder.capture_new_suffixes = False
+        # what is built by now (model, compiled code, graphs) lives as long as the session: move it out of
+        # the garbage collector's generations, so that a full collection during ingest does not walk it
+        # (on a 7B those walks showed up as 12-14 ms ingest outliers; see docs/benchmarks.md)
+        gc.collect()
+        gc.freeze()
         return self
 
     # --- ingest side ----------------------------------------------------------------------------
