@@ -229,6 +229,28 @@ def test_fused_decode_step_equals_generate(kv_heads):
     assert torch.equal(_reference(model, ids, memory, 12, None), reference)  # the model's own forward too
 
 
+@pytest.mark.parametrize("fused", [False, True])
+def test_decoder_is_freed_without_the_collector(fused):
+    """No reference cycle through the decoder: after `gc.freeze()` (the session's warm-up) a cycle would
+    never be collected, and a dropped decoder would keep its KV cache for good."""
+    import gc
+    import weakref
+
+    model = _fresh_model(8)
+    decoder = GreedyDecoder(model, max_cache_len=256, fused_step=fused, compile_step=fused,
+                            compile_options={"backend": "eager"})
+    decoder.setup()
+    decoder.generate(torch.tensor([1, 45, 17, 33]), max_new_tokens=3)
+    assert decoder.mode == ("fused_compiled_eager" if fused else "eager"), decoder.errors
+    ref = weakref.ref(decoder)
+    gc.disable()
+    try:
+        del decoder
+        assert ref() is None
+    finally:
+        gc.enable()
+
+
 def test_fusing_is_idempotent_and_follows_reloaded_weights():
     from flash_vstream.model.fused_decode import fuse_projections
 

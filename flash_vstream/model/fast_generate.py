@@ -1,7 +1,7 @@
 """Fast batch-1 greedy decoding for `VStreamLlamaForCausalLM`: a static KV cache and one captured decode step.
 
 Stock `generate` spends most of a 7B decode step in Python and kernel launches (14-31 tokens/s on an
-H100 against a memory-bandwidth limit near 240; this decoder: 155, see docs/benchmarks.md).
+H100 against a memory-bandwidth limit near 240; this decoder: 170, see docs/benchmarks.md).
 `GreedyDecoder` removes both:
 
 1. prefill: the prompt (memory tokens spliced in by `embed_with_memory`) goes through the model's
@@ -15,6 +15,8 @@ H100 against a memory-bandwidth limit near 240; this decoder: 155, see docs/benc
    is what failed in transformers' own static-cache path) so that RMSNorm, RoPE, SiLU-gating and the
    residual adds become a few fused kernels instead of ~40 small ones per layer; the compiled step
    is captured into the same kind of graph;
+   on CUDA the step is `FusedDecodeStep` (model/fused_decode.py): the same layer arithmetic over fused
+   q/k/v and gate/up weights, four matrix-vector products per layer instead of seven (+8%);
 4. a kept prefix: `cache_prefix` runs the prompt through `<image>` (system text + memory, ~720 tokens)
    into cache slots [0, P) and keeps it; a later prompt that starts with the same ids and the same
    memory tensor runs only its own tokens from slot P -- on CUDA padded to a 32-token bucket and
@@ -24,8 +26,9 @@ H100 against a memory-bandwidth limit near 240; this decoder: 155, see docs/benc
 
 The graph is set up once per decoder (`setup()`, on a throwaway one-token prompt: compile, warm-up
 on a side stream, capture). Whatever fails there is recorded in `errors` and the next simpler step
-is used: compiled graph -> eager-step graph -> eager loop. Off CUDA the eager step runs in a loop,
-so the CPU tests check the exact code the graph replays against `model.generate`.
+is used: fused compiled -> compiled -> fused -> the model's own step, each in a graph, then the eager
+loop. Off CUDA the chosen step runs eagerly in a loop (`fused_step=True` picks the fused one), so the
+CPU tests check the exact code the graph replays against `model.generate`.
 """
 
 import inspect
@@ -57,6 +60,11 @@ def prefix_through_image(input_ids):
     ids = input_ids.reshape(-1)
     at = int((ids == IMAGE_TOKEN_INDEX).nonzero()[0, 0])
     return ids[:at + 1]
+
+
+def _last_logits(model, cache, **inputs):
+    """The model's forward into the static cache (`cache`: {keyword: cache}) -> logits of the last position (1, vocab)."""
+    return model(use_cache=True, logits_to_keep=1, **cache, **inputs).logits[:, -1]
 
 
 def make_static_cache(config, max_cache_len, device, dtype):
@@ -104,7 +112,7 @@ class GreedyDecoder:
         self.fused_step = self.cuda_graph if fused_step is None else bool(fused_step)
         self.warmup_steps = max(1, int(warmup_steps))
         self.check_every = max(1, int(check_every))
-        self.errors = {}  # setup failures by attempt ("compiled", "eager")
+        self.errors = {}  # setup failures by attempt ("fused_compiled", "compiled", "fused", "eager"; "fuse")
         self.mode = "eager"  # how decode steps run: [fused_][compiled_]cuda_graph or [fused_][compiled_]eager
         self._cache_kw = _cache_kwarg(model)
         self._cache = make_static_cache(model.config, self.max_cache_len, self.device, self.dtype)
@@ -173,17 +181,21 @@ class GreedyDecoder:
             self.errors["fuse"] = f"not fused: {error}"
         free_memory(self.device)  # the unfused weights' blocks
 
+    # the step functions close over the model and the cache, not over the decoder: no reference cycle
+    # (the realtime session freezes the heap after warming up, and frozen cycles are never collected)
     def _model_step(self, model):
+        cache = {self._cache_kw: self._cache}
+
         def step(ids, position, mask):
-            return self._forward(model, input_ids=ids, position_ids=position.view(1, 1), attention_mask=mask)
+            return _last_logits(model, cache, input_ids=ids, position_ids=position.view(1, 1), attention_mask=mask)
         return step
 
     def _fused_step(self, compiled):
-        fused = FusedDecodeStep(self.model)
+        fused, cache = FusedDecodeStep(self.model), self._cache
         run = torch.compile(fused.__call__, **self.compile_options) if compiled else fused
 
         def step(ids, position, mask):
-            return run(ids, position, mask, self._cache)
+            return run(ids, position, mask, cache)
         return step
 
     # --- prompt -----------------------------------------------------------------------------------
@@ -197,10 +209,6 @@ class GreedyDecoder:
             return self.model.get_model().embed_tokens(ids.to(self.device)[None])  # (1, L, hidden)
         ids = expand_image_tokens(ids.cpu(), len(memory)).to(self.device)[None]  # (1, L - 1 + N)
         return self.model.embed_with_memory(ids, [memory])  # (1, L - 1 + N, hidden)
-
-    def _forward(self, model, **kwargs):
-        kwargs[self._cache_kw] = self._cache
-        return model(use_cache=True, logits_to_keep=1, **kwargs).logits[:, -1]  # (1, vocab)
 
     def _mask(self, positions):
         """(P,) query positions -> (1, 1, P, L) bool: each attends the cache slots up to its own position.
@@ -222,8 +230,8 @@ class GreedyDecoder:
         else:
             self._cache.reset()  # in place: the captured step keeps pointing at the same K/V tensors
         positions = torch.arange(start, length, device=self.device)  # (P,)
-        first = self._forward(self.model, inputs_embeds=embeds, position_ids=positions[None],
-                              attention_mask=self._mask(positions))
+        first = _last_logits(self.model, {self._cache_kw: self._cache}, inputs_embeds=embeds,
+                             position_ids=positions[None], attention_mask=self._mask(positions))
         return first.argmax(dim=-1), length  # (1,)
 
     def _suffix_forward(self, bucket):
