@@ -169,8 +169,8 @@ class FrameEncoder:
         self.hidden_size = self.tower.hidden_size
         self.num_patches = self.tower.num_patches
         self.on_cuda = self.tower.device.type == "cuda"
-        # the tower's own features, computed by the fast encoder (it stops at the selected layer, fuses
-        # q/k/v and runs the patch embedding as one product; `compile` adds regional torch.compile)
+        # the tower's own features, from the fast encoder: it stops at the selected layer (bit-exact); with
+        # `compile`, batches run its compiled path (fused q/k/v, the patch embedding as one product)
         self._forward = FastVisionEncoder(self.tower.vision_tower, self.tower.select_layer, self.tower.select_feature)
         if compile:
             self._forward.compile()
