@@ -71,7 +71,7 @@ class FastVisionEncoder:
         """(B, 3, S, S) -> (B, 1 + 256, D): class token and patch tokens plus positions, pre-LayerNorm."""
         b, c, s, _ = pixels.shape
         grid = s // self.patch
-        patches = pixels.view(b, c, grid, self.patch, grid, self.patch).permute(0, 2, 4, 1, 3, 5)
+        patches = pixels.reshape(b, c, grid, self.patch, grid, self.patch).permute(0, 2, 4, 1, 3, 5)
         tokens = F.linear(patches.reshape(b, grid * grid, -1), self.patch_weight, self.patch_bias)  # (B, 256, D)
         cls = self.class_embedding.view(1, 1, -1).expand(b, 1, -1)
         return self.pre_norm(torch.cat([cls, tokens], dim=1) + self.position_embedding)
