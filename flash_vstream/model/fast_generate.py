@@ -37,7 +37,7 @@ import torch
 
 from ..constants import IMAGE_TOKEN_INDEX
 from ..mm_utils import expand_image_tokens
-from .cuda_utils import capture_graph, free_memory
+from .cuda_utils import capture_graph, free_memory, sync
 from .fused_decode import FusedDecodeStep, fuse_projections
 
 CACHE_ALIGN = 128  # static cache lengths are multiples of this (keeps SDPA's mask aligned, few distinct sizes)
@@ -166,8 +166,7 @@ class GreedyDecoder:
             except Exception as error:  # noqa: BLE001 -- any failure: record it, try the next simpler step
                 self.errors[name] = f"{type(error).__name__}: {str(error)[:1000]}"
                 self._graph = None
-                if self.device.type == "cuda":
-                    torch.cuda.synchronize(self.device)
+                sync(self.device)
         self._step_fn, self.mode = self._model_step(self.model), "eager"
         return self
 
@@ -264,7 +263,7 @@ class GreedyDecoder:
                 graph = self._capture_suffix(bucket, start)
             except Exception as error:  # noqa: BLE001 -- record it; the padded eager forward still answers
                 self.errors["suffix_graph"] = f"{type(error).__name__}: {str(error)[:1000]}"
-                torch.cuda.synchronize(self.device)
+                sync(self.device)
                 self._set_cache_length(start)
         if graph is not None:
             graph.replay()

@@ -24,13 +24,12 @@ def _check_supported(model):
     if getattr(config, "pretraining_tp", 1) not in (None, 1):
         raise NotImplementedError("pretraining_tp > 1")
     for i, layer in enumerate(model.get_model().layers):
-        attn, mlp = getattr(layer, "self_attn", None), getattr(layer, "mlp", None)
-        names = ("q_proj", "k_proj", "v_proj", "o_proj")
-        if attn is None or mlp is None or not all(isinstance(getattr(attn, n, None), nn.Linear) for n in names) or \
-                not all(isinstance(getattr(mlp, n, None), nn.Linear) for n in ("gate_proj", "up_proj", "down_proj")):
+        projections = [getattr(getattr(layer, part, None), name, None) for part, names in (
+            ("self_attn", ("q_proj", "k_proj", "v_proj", "o_proj")), ("mlp", ("gate_proj", "up_proj", "down_proj")))
+            for name in names]
+        if not all(isinstance(p, nn.Linear) for p in projections):
             raise NotImplementedError(f"layer {i} is not a plain LLaMA layer")
-        if any(getattr(attn, n).bias is not None for n in names) or \
-                any(getattr(mlp, n).bias is not None for n in ("gate_proj", "up_proj", "down_proj")):
+        if any(p.bias is not None for p in projections):
             raise NotImplementedError(f"layer {i} has projection biases")
 
 
