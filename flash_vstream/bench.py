@@ -54,6 +54,7 @@ from .model.fast_generate import GreedyDecoder, prefix_through_image
 from .model.language_model.configuration_vstream import PATCH_GRID
 from .model.memory import STARMemory
 from .model.multimodal_encoder.fast_encoder import FastVisionEncoder
+from .model.triton_kernels import usable
 
 # CLIP ViT-L/14 at 224 px (openai/clip-vit-large-patch14's vision config)
 VIT_L14 = dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
@@ -176,11 +177,11 @@ class Bench:
     def random_features(self, n):
         return torch.randn(n, PATCH_GRID**2, self.config.mm_hidden_size, device=self.device, dtype=self.dtype)
 
-    def new_decoder(self, memory_tokens, cuda_graph, compile_step, fused_step=None):
+    def new_decoder(self, memory_tokens, cuda_graph, compile_step, fused_step=None, triton_kernels=None):
         need = len(self.prompt_ids) - 1 + memory_tokens + max(self.args.answer_tokens, self.preset["decode_steps"]) + 2
         options = {"mode": self.args.decode_compile_mode} if self.args.decode_compile_mode else None
         return GreedyDecoder(self.model, max_cache_len=need, cuda_graph=cuda_graph, compile_step=compile_step,
-                             compile_options=options, fused_step=fused_step)
+                             compile_options=options, fused_step=fused_step, triton_kernels=triton_kernels)
 
     def get_decoder(self, memory_tokens):
         """The decoder the decode section found fastest (a default one if that section did not run)."""
@@ -354,9 +355,12 @@ def snapshot_tokens(b, frames=30):
     return memory.read()
 
 
-# decoder variants, simplest first: what each optimisation buys (name, CUDA graph, compiled step, fused weights)
-DECODER_VARIANTS = (("static_cache_eager", False, False, False), ("cuda_graph", True, False, False),
-                    ("compiled_cuda_graph", True, True, False), ("fused_compiled_cuda_graph", True, True, True))
+# decoder variants, simplest first: what each optimisation buys
+# (name, CUDA graph, compiled step, fused weights, Triton products)
+DECODER_VARIANTS = (("static_cache_eager", False, False, False, False), ("cuda_graph", True, False, False, False),
+                    ("compiled_cuda_graph", True, True, False, False),
+                    ("fused_compiled_cuda_graph", True, True, True, False),
+                    ("triton_compiled_cuda_graph", True, True, True, True))
 
 
 def section_decode(b, out):
@@ -379,7 +383,10 @@ def section_decode(b, out):
 
     # GreedyDecoder: static cache, then + CUDA graph of the step, then + compiled step
     best, best_rate, reference = None, -1.0, None
-    for name, graph, compiled, fused in DECODER_VARIANTS:
+    for name, graph, compiled, fused, triton in DECODER_VARIANTS:
+        if triton and not usable(b.model.lm_head.weight):
+            out["notes"].append(f"{name} skipped: Triton does not run on {device}")
+            continue
         if graph and device.type != "cuda":
             out["notes"].append(f"{name} skipped: not a CUDA device")
             continue
@@ -389,7 +396,8 @@ def section_decode(b, out):
         if compiled and b.time_left() < COMPILE_MIN_TIME_S:
             out["notes"].append(f"{name} skipped: {b.time_left():.0f} s left of the time budget")
             continue
-        decoder = b.new_decoder(int(tokens.shape[0]), cuda_graph=graph, compile_step=compiled, fused_step=fused)
+        decoder = b.new_decoder(int(tokens.shape[0]), cuda_graph=graph, compile_step=compiled, fused_step=fused,
+                                triton_kernels=triton)
         setup_ms, _ = timed_ms(device, decoder.setup)
         res = {"mode": decoder.mode, "setup_ms": round(setup_ms, 1), "errors": decoder.errors,
                "max_cache_len": decoder.max_cache_len}
@@ -639,24 +647,25 @@ def section_extraction(b, out):
     elif b.time_left() < COMPILE_MIN_TIME_S:
         out["notes"].append(f"torch.compile skipped: {b.time_left():.0f} s left of the time budget")
         want = False
-    if want:
+    variants = [("compiled", False)]  # (column, Triton fc1): what the compile buys, then the Triton kernel
+    if b.fast_vision.quick_gelu and usable(b.fast_vision.patch_weight):
+        variants.append(("compiled_triton", True))
+    for column, triton in variants if want else ():
         try:
-            b.fast_vision.compile(mode=b.args.clip_compile_mode)
+            b.fast_vision.compile(mode=b.args.clip_compile_mode, triton=triton)
             out["compile_mode"] = b.args.clip_compile_mode or "default"
             x = b.random_pixels(max(2, min(b.args.batches)))
             ms, y = timed_ms(b.device, b.fast_vision, x)
-            out["compile_s"] = round(ms / 1e3, 1)
-            out["compiled_vs_stock_rel_err"] = rel_err(y, b.tower(x))
+            out[column] = {"compile_s": round(ms / 1e3, 1), "vs_stock_rel_err": rel_err(y, b.tower(x))}
+            for row in rows:
+                inputs = [b.random_pixels(row["batch"]) for _ in range(2)]
+                row[f"{column}_fps"] = extraction_fps(b, b.fast_vision, row["batch"], inputs, iters)
+                del inputs
         except Exception as error:  # noqa: BLE001 -- compile is optional: record and keep eager numbers
-            b.fast_vision.uncompile()
-            out["notes"].append(f"torch.compile failed, eager numbers only: {type(error).__name__}: {str(error)[:500]}")
-            want = False
+            out["notes"].append(f"{column} failed: {type(error).__name__}: {str(error)[:500]}")
+        b.fast_vision.uncompile()
     for row in rows:
-        if want:
-            inputs = [b.random_pixels(row["batch"]) for _ in range(2)]
-            row["compiled_fps"] = extraction_fps(b, b.fast_vision, row["batch"], inputs, iters)
-            del inputs
-        best = max(("truncated_fps", "compiled_fps"), key=lambda k: row.get(k) or 0)
+        best = max(("truncated_fps", "compiled_fps", "compiled_triton_fps"), key=lambda k: row.get(k) or 0)
         row["optimised"], row["optimised_fps"] = best.removesuffix("_fps"), row[best]
         log(f"  extraction batch {row['batch']}: optimised ({row['optimised']}) {row['optimised_fps']} frames/s")
     free_memory(b.device)

@@ -39,6 +39,7 @@ from ..constants import IMAGE_TOKEN_INDEX
 from ..mm_utils import expand_image_tokens
 from .cuda_utils import capture_graph, free_memory, sync
 from .fused_decode import FusedDecodeStep, fuse_projections
+from .triton_kernels import usable
 
 CACHE_ALIGN = 128  # static cache lengths are multiples of this (keeps SDPA's mask aligned, few distinct sizes)
 SUFFIX_BUCKET = 32  # a question after a cached prefix runs padded to a multiple of this (one graph per size)
@@ -97,7 +98,7 @@ class GreedyDecoder:
     """
 
     def __init__(self, model, max_cache_len=1024, cuda_graph=None, compile_step=None, compile_options=None,
-                 warmup_steps=3, check_every=16, pad_suffix=None, fused_step=None):
+                 warmup_steps=3, check_every=16, pad_suffix=None, fused_step=None, triton_kernels=None):
         self.model = model
         self.device = model.device
         self.dtype = model.get_model().embed_tokens.weight.dtype
@@ -110,10 +111,15 @@ class GreedyDecoder:
         self.compile_options = {"dynamic": False, **(compile_options or {})}
         # the decode step over fused q/k/v and gate/up weights (model/fused_decode.py), else the model's forward
         self.fused_step = self.cuda_graph if fused_step is None else bool(fused_step)
+        # the fused step's products as Triton kernels with their norms, gating and residuals folded in
+        # (model/triton_kernels.py); None = when Triton can run on the model's device
+        if triton_kernels is None:
+            triton_kernels = usable(model.lm_head.weight)
+        self.triton_kernels = self.fused_step and bool(triton_kernels)
         self.warmup_steps = max(1, int(warmup_steps))
         self.check_every = max(1, int(check_every))
-        self.errors = {}  # setup failures by attempt ("fused_compiled", "compiled", "fused", "eager"; "fuse")
-        self.mode = "eager"  # how decode steps run: [fused_][compiled_]cuda_graph or [fused_][compiled_]eager
+        self.errors = {}  # setup failures by attempt ("triton_compiled", "fused_compiled", ...; "fuse")
+        self.mode = "eager"  # how decode steps run: [triton_|fused_][compiled_]cuda_graph, or ..._eager
         self._cache_kw = _cache_kwarg(model)
         self._cache = make_static_cache(model.config, self.max_cache_len, self.device, self.dtype)
         long = dict(dtype=torch.long, device=self.device)
@@ -148,12 +154,15 @@ class GreedyDecoder:
         if self.cuda_graph:
             self._fuse_weights()
         graph = "cuda_graph" if self.cuda_graph else "eager"
-        attempts = [(name, fused, compiled) for name, fused, compiled in (
-            ("fused_compiled", True, True), ("compiled", False, True), ("fused", True, False), ("eager", False, False))
-            if (self.fused_step or not fused) and (self.compile_step or not compiled)]
-        for name, fused, compiled in attempts if self.cuda_graph else attempts[:1]:
+        attempts = [(name, fused, compiled, triton) for name, fused, compiled, triton in (
+            ("triton_compiled", True, True, True), ("fused_compiled", True, True, False),
+            ("compiled", False, True, False), ("triton", True, False, True), ("fused", True, False, False),
+            ("eager", False, False, False))
+            if (self.fused_step or not fused) and (self.compile_step or not compiled)
+            and (self.triton_kernels or not triton)]
+        for name, fused, compiled, triton in attempts if self.cuda_graph else attempts[:1]:
             try:
-                self._step_fn = self._fused_step(compiled) if fused else self._model_step(
+                self._step_fn = self._fused_step(compiled, triton) if fused else self._model_step(
                     torch.compile(self.model, **self.compile_options) if compiled else self.model)
                 self.prefill(torch.ones(1, dtype=torch.long))
                 if self.cuda_graph:  # warm-up (and compilation) off the capture; the recording changes no state
@@ -189,8 +198,8 @@ class GreedyDecoder:
             return _last_logits(model, cache, input_ids=ids, position_ids=position.view(1, 1), attention_mask=mask)
         return step
 
-    def _fused_step(self, compiled):
-        fused, cache = FusedDecodeStep(self.model), self._cache
+    def _fused_step(self, compiled, triton):
+        fused, cache = FusedDecodeStep(self.model, triton=triton), self._cache
         run = torch.compile(fused.__call__, **self.compile_options) if compiled else fused
 
         def step(ids, position, mask):

@@ -16,6 +16,7 @@ for anything else and the decoder keeps the model's own step.
 import torch.nn.functional as F
 from torch import nn
 
+from . import triton_kernels
 from .fusing import fuse_linears
 
 
@@ -23,6 +24,9 @@ def _check_supported(model):
     config = model.config
     if getattr(config, "pretraining_tp", 1) not in (None, 1):
         raise NotImplementedError("pretraining_tp > 1")
+    head = getattr(model, "lm_head", None)
+    if not isinstance(head, nn.Linear) or head.bias is not None:
+        raise NotImplementedError("the LM head is not a plain bias-free nn.Linear")
     for i, layer in enumerate(model.get_model().layers):
         projections = [getattr(getattr(layer, part, None), name, None) for part, names in (
             ("self_attn", ("q_proj", "k_proj", "v_proj", "o_proj")), ("mlp", ("gate_proj", "up_proj", "down_proj")))
@@ -49,9 +53,14 @@ class FusedDecodeStep:
     """`step(ids (1, 1), position (1,), mask (1, 1, 1, L), cache)` -> logits (1, vocab) of the next token,
     writing the token's K/V into `cache` (a `StaticCache` already filled by the model's prefill) at
     `position`. The same arithmetic as the model's forward for one token, with q/k/v and gate/up each
-    one product. Fuses the model's weights when built (see `fuse_projections`)."""
+    one product. Fuses the model's weights when built (see `fuse_projections`).
 
-    def __init__(self, model):
+    `triton`: run the products as `triton_kernels.gemv`, with each product's RMSNorm, SiLU gating and
+    residual add folded into it (five kernels per layer with attention, instead of about nine once
+    compiled). None = when the kernels can run on the model's device; only for SiLU-gated layers.
+    """
+
+    def __init__(self, model, triton=None):
         from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
         self.model = model
@@ -62,17 +71,32 @@ class FusedDecodeStep:
         self.head_dim = attn.head_dim
         self.q_size = attn.q_proj.out_features
         self.kv_size = attn.k_proj.out_features
-        self.intermediate = self.body.layers[0].mlp.gate_proj.out_features
         self.scaling = attn.scaling
         self.gqa = self.q_size != self.kv_size
+        silu = getattr(model.config, "hidden_act", None) == "silu"
+        if triton and not silu:
+            raise NotImplementedError(f"the Triton step folds in SiLU, not {model.config.hidden_act!r}")
+        self.triton = triton_kernels.usable(self.weights[0][0]) and silu if triton is None else bool(triton)
+
+    def _product(self, x, weight, norm=None, gated=False, residual=None):
+        """weight @ f(x) (+ residual), f: `norm` (an RMSNorm module) or SiLU(gate) * up of x = [gate | up]."""
+        if self.triton:
+            eps = norm.variance_epsilon if norm is not None else 0.0
+            return triton_kernels.gemv(x, weight, None if norm is None else norm.weight, eps, gated,
+                                       residual).view(1, 1, -1)
+        if gated:
+            gate, up = x.chunk(2, dim=-1)
+            x = self.body.layers[0].mlp.act_fn(gate) * up
+        y = F.linear(x if norm is None else norm(x), weight)
+        return y if residual is None else residual + y
 
     def __call__(self, ids, position, mask, cache):
         body, hd = self.body, self.head_dim
         hidden = body.embed_tokens(ids)  # (1, 1, H)
         cos, sin = body.rotary_emb(hidden, position.view(1, 1))
         for layer, (qkv_w, gate_up_w), kv in zip(body.layers, self.weights, cache.layers):
-            x = layer.input_layernorm(hidden)
-            q, k, v = F.linear(x, qkv_w).split((self.q_size, self.kv_size, self.kv_size), dim=-1)
+            qkv = self._product(hidden, qkv_w, norm=layer.input_layernorm)
+            q, k, v = qkv.split((self.q_size, self.kv_size, self.kv_size), dim=-1)
             q = q.view(1, 1, -1, hd).transpose(1, 2)  # (1, heads, 1, hd)
             k = k.view(1, 1, -1, hd).transpose(1, 2)  # (1, kv heads, 1, hd)
             q, k = self._rotate(q, k, cos, sin)
@@ -80,7 +104,8 @@ class FusedDecodeStep:
             kv.values.index_copy_(2, position, v.view(1, 1, -1, hd).transpose(1, 2))
             attn = F.scaled_dot_product_attention(q, kv.keys, kv.values, attn_mask=mask, scale=self.scaling,
                                                   enable_gqa=self.gqa)  # (1, heads, 1, hd)
-            hidden = hidden + layer.self_attn.o_proj(attn.transpose(1, 2).reshape(1, 1, -1))
-            gate, up = F.linear(layer.post_attention_layernorm(hidden), gate_up_w).split(self.intermediate, dim=-1)
-            hidden = hidden + layer.mlp.down_proj(layer.mlp.act_fn(gate) * up)
-        return self.model.lm_head(body.norm(hidden))[:, -1]  # (1, vocab)
+            attn = attn.transpose(1, 2).reshape(1, 1, -1)
+            hidden = self._product(attn, layer.self_attn.o_proj.weight, residual=hidden)
+            gate_up = self._product(hidden, gate_up_w, norm=layer.post_attention_layernorm)
+            hidden = self._product(gate_up, layer.mlp.down_proj.weight, gated=True, residual=hidden)
+        return self._product(hidden, self.model.lm_head.weight, norm=body.norm).view(1, -1)  # (1, vocab)

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 
 from ..cuda_utils import capture_graph, sync
 from ..fusing import fuse_linears
+from ..triton_kernels import attention, linear_quick_gelu, multiprocessors, usable
 
 
 class FastVisionEncoder:
@@ -49,6 +50,8 @@ class FastVisionEncoder:
         self.heads = attn.num_heads if attn is not None else 0
         self.scale = attn.scale if attn is not None else None
         self.act = self.layers[0].mlp.activation_fn if self.layers else None  # one activation for all layers
+        self.quick_gelu = getattr(getattr(core, "config", None), "hidden_act", None) == "quick_gelu"
+        self.triton = False  # the fused path's attention and fc1 + QuickGELU as Triton kernels (compile() decides)
         self._weights = None  # per layer, for the fused path: built (and q/k/v fused) at its first use
         self.skip_cls = select_feature == "patch"
         first = next(vision_model.parameters())
@@ -80,10 +83,15 @@ class FastVisionEncoder:
         """One CLIP encoder layer (pre-LN attention and MLP, residuals) over `w` from `_layer_weights`."""
         b, n, d = hidden.shape
         x = F.layer_norm(hidden, (d,), *w["norm1"])
-        q, k, v = F.linear(x, *w["qkv"]).view(b, n, 3, self.heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
-        attn = F.scaled_dot_product_attention(q, k, v, scale=self.scale)  # (B, heads, N, hd)
-        hidden = hidden + F.linear(attn.transpose(1, 2).reshape(b, n, d), *w["out"])
-        x = self.act(F.linear(F.layer_norm(hidden, (d,), *w["norm2"]), *w["fc1"]))
+        qkv = F.linear(x, *w["qkv"])  # (B, N, 3 D)
+        if self.triton:
+            attn = attention(qkv, self.heads, self.scale)  # (B, N, D)
+        else:
+            q, k, v = qkv.view(b, n, 3, self.heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
+            attn = F.scaled_dot_product_attention(q, k, v, scale=self.scale).transpose(1, 2).reshape(b, n, d)
+        hidden = hidden + F.linear(attn, *w["out"])
+        x = F.layer_norm(hidden, (d,), *w["norm2"])
+        x = linear_quick_gelu(x, *w["fc1"]) if self.triton else self.act(F.linear(x, *w["fc1"]))
         return hidden + F.linear(x, *w["fc2"])
 
     def stock_embed(self, pixels):
@@ -127,8 +135,15 @@ class FastVisionEncoder:
         with torch.inference_mode():
             return self._run(pixels, self.embed, self.layer_forward, self.weights)
 
-    def compile(self, mode=None, **options):
-        """Compile the embedding and the layer function (lazily, at the first batched call)."""
+    def compile(self, mode=None, triton=None, **options):
+        """Compile the embedding and the layer function (lazily, at the first batched call).
+
+        triton: fc1 with its bias and QuickGELU as one Triton kernel (`triton_kernels.linear_quick_gelu`)
+        instead of cuBLAS and an element-wise kernel; None = when Triton runs on this device and the
+        tower's activation is QuickGELU (CLIP's)."""
+        self.triton = self.quick_gelu and (usable(self.patch_weight) if triton is None else bool(triton))
+        if self.triton:
+            multiprocessors(self.device)  # the kernel's grid size, looked up now rather than while tracing
         self.weights  # fuse q/k/v now, not inside the first compiled call
         self._embed = torch.compile(self.embed, dynamic=True, mode=mode, **options)
         self._layer = torch.compile(self.layer_forward, dynamic=True, mode=mode, **options)
@@ -136,7 +151,7 @@ class FastVisionEncoder:
 
     def uncompile(self):
         self._layer, self._embed = self.layer_forward, self.embed
-        self.compiled = False
+        self.compiled = self.triton = False
 
     @torch.inference_mode()
     def capture(self, image_size, warmup=3):
