@@ -170,7 +170,8 @@ class FrameEncoder:
         self.num_patches = self.tower.num_patches
         self.on_cuda = self.tower.device.type == "cuda"
         # the tower's own features, from the fast encoder: it stops at the selected layer (bit-exact); with
-        # `compile`, batches run its compiled path (fused q/k/v, the patch embedding as one product)
+        # `compile`, batches run its compiled path (fused q/k/v, the patch embedding as one product; on CUDA
+        # the Triton attention and fc1 kernels)
         self._forward = FastVisionEncoder(self.tower.vision_tower, self.tower.select_layer, self.tower.select_feature)
         if compile:
             self._forward.compile()

@@ -1,8 +1,14 @@
 import os
 
 import pytest
+import torch
 
-from flash_vstream.demo.tiny import build_tiny_clip
+# Without a GPU, Triton kernels run in Triton's interpreter (numpy, on CPU tensors); it is chosen when
+# Triton is imported, so before anything imports flash_vstream.model.triton_kernels.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from flash_vstream.demo.tiny import build_tiny_clip  # noqa: E402
 
 SHARED = os.path.join(os.path.dirname(__file__), "..", "..", "shared")
 EXAMPLE_MP4 = os.path.abspath(os.path.join(SHARED, "data", "example.mp4"))

@@ -1,7 +1,7 @@
 """Fast batch-1 greedy decoding for `VStreamLlamaForCausalLM`: a static KV cache and one captured decode step.
 
 Stock `generate` spends most of a 7B decode step in Python and kernel launches (14-31 tokens/s on an
-H100 against a memory-bandwidth limit near 240; this decoder: 170, see docs/benchmarks.md).
+H100 against a memory-bandwidth limit near 240; this decoder: 193, see docs/benchmarks.md).
 `GreedyDecoder` removes both:
 
 1. prefill: the prompt (memory tokens spliced in by `embed_with_memory`) goes through the model's
@@ -16,7 +16,8 @@ H100 against a memory-bandwidth limit near 240; this decoder: 170, see docs/benc
    residual adds become a few fused kernels instead of ~40 small ones per layer; the compiled step
    is captured into the same kind of graph;
    on CUDA the step is `FusedDecodeStep` (model/fused_decode.py): the same layer arithmetic over fused
-   q/k/v and gate/up weights, four matrix-vector products per layer instead of seven (+8%);
+   q/k/v and gate/up weights, four matrix-vector products per layer instead of seven (+7%), each a
+   Triton kernel with the layer's RMSNorms, SiLU gating and residual adds folded in (+15%);
 4. a kept prefix: `cache_prefix` runs the prompt through `<image>` (system text + memory, ~720 tokens)
    into cache slots [0, P) and keeps it; a later prompt that starts with the same ids and the same
    memory tensor runs only its own tokens from slot P -- on CUDA padded to a 32-token bucket and
@@ -26,9 +27,10 @@ H100 against a memory-bandwidth limit near 240; this decoder: 170, see docs/benc
 
 The graph is set up once per decoder (`setup()`, on a throwaway one-token prompt: compile, warm-up
 on a side stream, capture). Whatever fails there is recorded in `errors` and the next simpler step
-is used: fused compiled -> compiled -> fused -> the model's own step, each in a graph, then the eager
-loop. Off CUDA the chosen step runs eagerly in a loop (`fused_step=True` picks the fused one), so the
-CPU tests check the exact code the graph replays against `model.generate`.
+is used: Triton compiled -> fused compiled -> compiled -> Triton -> fused -> the model's own step, each
+in a graph, then the eager loop. Off CUDA the chosen step runs eagerly in a loop (`fused_step=True`
+picks the fused one, `triton_kernels=True` its Triton products, in Triton's interpreter), so the CPU
+tests check the exact code the graph replays against `model.generate`.
 """
 
 import inspect

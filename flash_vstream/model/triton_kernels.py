@@ -1,4 +1,4 @@
-"""Triton kernels for the two GPU paths where the stock kernels leave bandwidth or compute unused.
+"""Triton kernels for the GPU paths where the stock kernels leave bandwidth or compute unused.
 
 - `gemv`: the decode step's matrix-vector products at batch 1. A step reads all 13 GB of weights
   once, so it is bound by memory bandwidth; the cuBLAS products reached 73-80% of it on an H100. The
@@ -8,8 +8,11 @@
 - `linear_quick_gelu`: CLIP's fc1 product with its bias and QuickGELU in the epilogue, so the
   (tokens, 4096) activation is written once, instead of written, read and written again by a separate
   element-wise kernel (10% of a batched CLIP forward).
+- `attention`: CLIP's attention straight from the fused q/k/v projection, with the class token's key
+  taken apart so that the 256 patch keys fill whole tiles (SDPA's kernels pay a third tile of 128 keys
+  for the 257th: 453 us against 214 us for 256 tokens at batch 256).
 
-Both need Triton; `usable` says whether they are the default for a tensor (a CUDA one). On a machine
+All need Triton; `usable` says whether they are the default for a tensor (a CUDA one). On a machine
 without a GPU, Triton's interpreter (`TRITON_INTERPRET=1` before Triton is imported) runs them on CPU
 tensors when asked for explicitly; the CPU tests do that.
 """
@@ -134,8 +137,8 @@ if triton is not None:
         tl.store(out, (acc / total[:, None]).to(out_ptr.dtype.element_ty), mask=row_ok[:, None])
 
 def gemv_config(n, k):
-    """(BLOCK_N, BLOCK_K, num_warps) of the matrix-vector kernel for an (n, k) weight: the fastest of 24
-    on an H100 for the 7B shapes (exp: 4096 x 11008 34.7 us, 3.0 TB/s for the 22016 x 4096 gate/up)."""
+    """(BLOCK_N, BLOCK_K, num_warps) of the matrix-vector kernel for an (n, k) weight: the fastest of a
+    sweep of 24 on an H100 for each 7B shape (78-91% of the bandwidth peak, docs/benchmarks.md)."""
     if k > 8192:  # down_proj (4096 x 11008): short blocks along k (11008 = 43 x 256, no masks)
         return 4, 256, 8
     if n <= 4096:  # o_proj: two rows a program, to have enough programs in flight
@@ -183,13 +186,16 @@ def gemv(x, weight, norm=None, eps=0.0, gated=False, residual=None, config=None)
 def linear_quick_gelu(x, weight, bias, config=None):
     """quick_gelu(x @ weight.T + bias) for x (..., K), weight (N, K), bias (N,) -> (..., N).
 
-    K must be a multiple of the config's BLOCK_K (64 by default; CLIP's 1024 is).
+    K must be a multiple of the config's BLOCK_K (64 by default; CLIP's 1024 is) or a power of two below it.
     """
     n, k = weight.shape
     block_m, block_n, block_k, group_m, warps, stages = config or LINEAR_CONFIG
-    if x.shape[-1] != k or k % block_k:
+    block_k = min(block_k, k)
+    if x.shape[-1] != k or k % block_k or block_k & (block_k - 1) or block_k < 16:
         raise ValueError(f"linear_quick_gelu: input width {x.shape[-1]} against a ({n}, {k}) weight "
-                         f"(K must be a multiple of {block_k})")
+                         f"(K must be a multiple of {block_k}, a power of two >= 16)")
+    if weight.stride() != (k, 1) or not torch.compiler.is_compiling() and weight.data_ptr() % 16:
+        raise ValueError("linear_quick_gelu: the weight must be contiguous and 16-byte aligned (TMA reads it)")
     a = x.reshape(-1, k).contiguous()
     m = a.shape[0]
     out = torch.empty(m, n, device=x.device, dtype=x.dtype)
@@ -201,7 +207,8 @@ def linear_quick_gelu(x, weight, bias, config=None):
     return out.view(*x.shape[:-1], n)
 
 
-# (BLOCK_M, BLOCK_N, num_warps, num_stages) of the attention kernel
+# (BLOCK_M, BLOCK_N, num_warps, num_stages) of the attention kernel: the fastest of 10 on an H100 for
+# CLIP-L at batch 256 (330 us; (64, 64) as fast but rounds more)
 ATTENTION_CONFIG = (64, 128, 4, 2)
 
 
