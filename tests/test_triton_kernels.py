@@ -32,8 +32,8 @@ def test_gemv_with_its_folded_prologues_and_residual(n, k, config):
     """Plain, RMS-normalised and SiLU-gated inputs, with and without a residual; shapes that do and do not
     divide into the blocks (masked loads and stores)."""
     torch.manual_seed(n + k)
-    w, x, g, r = torch.randn(n, k), torch.randn(k), torch.randn(k), torch.randn(n)
-    gate_up = torch.randn(2 * k)
+    w, x, g, r = (torch.randn(*shape, device=DEVICE) for shape in ((n, k), (k,), (k,), (n,)))
+    gate_up = torch.randn(2 * k, device=DEVICE)
     close = dict(rtol=1e-5, atol=1e-4)
     torch.testing.assert_close(tk.gemv(x, w, config=config), w @ x, **close)
     torch.testing.assert_close(tk.gemv(x.view(1, 1, k), w, norm=g, eps=1e-6, config=config), w @ _rms(x, g, 1e-6),
@@ -66,7 +66,7 @@ def test_linear_quick_gelu(m, n, k):
     """fc1 + bias + QuickGELU; rows and columns that do not fill a tile (TMA zero-fills and clips), a
     width below the default block."""
     torch.manual_seed(m)
-    x, w, b = torch.randn(2, m, k), torch.randn(n, k) * 0.1, torch.randn(n)
+    x, w, b = torch.randn(2, m, k, device=DEVICE), torch.randn(n, k, device=DEVICE) * 0.1, torch.randn(n, device=DEVICE)
     ref = F.linear(x, w, b)
     got = tk.linear_quick_gelu(x, w, b, config=(64, 32, 32, 2, 4, 2))
     assert got.shape == (2, m, n)
@@ -82,7 +82,7 @@ def test_attention_takes_token_zero_apart_exactly(n, heads, head_dim, config):
     partial last block, and CLIP's 257 tokens with the default blocks. Giving token 0 a dominant key
     checks that it is counted (once) in every row."""
     torch.manual_seed(n)
-    qkv = torch.randn(2, n, 3 * heads * head_dim)
+    qkv = torch.randn(2, n, 3 * heads * head_dim, device=DEVICE)
     qkv[:, 0, heads * head_dim:2 * heads * head_dim] *= 6  # token 0's key: large scores
     q, k, v = qkv.view(2, n, 3, heads, head_dim).permute(2, 0, 3, 1, 4).unbind(0)
     ref = F.scaled_dot_product_attention(q, k, v, scale=0.3).transpose(1, 2).reshape(2, n, heads * head_dim)

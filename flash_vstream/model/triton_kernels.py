@@ -77,7 +77,7 @@ if triton is not None:
     @triton.jit
     def _linear_quick_gelu_kernel(a_desc, w_desc, bias_ptr, out_desc, m, n, programs, k: tl.constexpr,
                                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                                  GROUP_M: tl.constexpr, STAGES: tl.constexpr):
+                                  GROUP_M: tl.constexpr, STAGES: tl.constexpr, PRECISION: tl.constexpr):
         # persistent: `programs` programs (one per multiprocessor) walk the output tiles; tiles go in groups
         # of GROUP_M tile rows so the tiles computed at once share their A rows and W columns in L2.
         # Tiles move by TMA (tensor descriptors), which zero-fills loads and clips stores at the edges.
@@ -90,7 +90,8 @@ if triton is not None:
             col = ((tile % per_group) // group_m) * BLOCK_N
             acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
             for i in tl.range(0, k // BLOCK_K, num_stages=STAGES):
-                acc = tl.dot(a_desc.load([row, i * BLOCK_K]), w_desc.load([col, i * BLOCK_K]).T, acc)
+                acc = tl.dot(a_desc.load([row, i * BLOCK_K]), w_desc.load([col, i * BLOCK_K]).T, acc,
+                             input_precision=PRECISION)
             cols = col + tl.arange(0, BLOCK_N)
             acc += tl.load(bias_ptr + cols, mask=cols < n, other=0.0).to(tl.float32)[None, :]
             acc = acc * tl.sigmoid(1.702 * acc)
@@ -150,6 +151,11 @@ LINEAR_CONFIG = (128, 256, 64, 8, 8, 3)
 _PROGRAMS = {}  # device -> programs of the persistent kernel (multiprocessors; 4 for the CPU interpreter)
 
 
+def _precision(dtype):
+    """tl.dot's input precision: fp32 inputs stay fp32 (Triton would round them to TF32 on the GPU)."""
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
 def multiprocessors(device):
     """How many programs the persistent fc1 kernel runs on `device` (cached: call it once before compiling)."""
     if device not in _PROGRAMS:
@@ -190,6 +196,8 @@ def linear_quick_gelu(x, weight, bias, config=None):
     """
     n, k = weight.shape
     block_m, block_n, block_k, group_m, warps, stages = config or LINEAR_CONFIG
+    if x.element_size() > 2:  # fp32: smaller tiles, to fit the stages and the output tile in shared memory
+        block_n, block_k = min(block_n, 128), min(block_k, 32)
     block_k = min(block_k, k)
     if x.shape[-1] != k or k % block_k or block_k & (block_k - 1) or block_k < 16:
         raise ValueError(f"linear_quick_gelu: input width {x.shape[-1]} against a ({n}, {k}) weight "
@@ -203,7 +211,8 @@ def linear_quick_gelu(x, weight, bias, config=None):
     _linear_quick_gelu_kernel[(grid,)](
         TensorDescriptor.from_tensor(a, [block_m, block_k]), TensorDescriptor.from_tensor(weight, [block_n, block_k]),
         bias, TensorDescriptor.from_tensor(out, [block_m, block_n]), m, n, grid, k=k, BLOCK_M=block_m, BLOCK_N=block_n,
-        BLOCK_K=block_k, GROUP_M=group_m, STAGES=stages, num_warps=warps, num_stages=stages)
+        BLOCK_K=block_k, GROUP_M=group_m, STAGES=stages, PRECISION=_precision(x.dtype), num_warps=warps,
+        num_stages=stages)
     return out.view(*x.shape[:-1], n)
 
 
@@ -227,6 +236,6 @@ def attention(qkv, heads, scale, config=None):
     out = torch.empty(b, n, heads * head_dim, device=qkv.device, dtype=qkv.dtype)
     _attention_kernel[(triton.cdiv(n, block_m), b * heads)](
         qkv, out, n, SCALE=float(scale), heads=heads, HEAD_DIM=head_dim, BLOCK_M=block_m, BLOCK_N=block_n,
-        EVEN=(n - 1) % block_n == 0, PRECISION="ieee" if qkv.dtype == torch.float32 else "tf32",
+        EVEN=(n - 1) % block_n == 0, PRECISION=_precision(qkv.dtype),
         num_warps=warps, num_stages=stages)
     return out

@@ -29,7 +29,7 @@ class FastVisionEncoder:
       also runs two Triton kernels (`triton_kernels`): attention that takes the class token's key
       apart (257 keys otherwise cost SDPA's kernels a third tile of 128; 453 -> 330 us a layer at
       batch 256) and fc1 with bias and QuickGELU in its epilogue (the 4096-wide activation written
-      once). Together: 2,958 -> 3,199 frames/s at batch 256.
+      once). Together: 2,906 -> 3,170 frames/s at batch 256.
 
     One frame (and `eager()`) runs the tower's own modules, so its features equal `CLIPVisionTower`'s
     bit for bit (the realtime session's equality checks rely on it); the batched path rounds
