@@ -197,6 +197,18 @@ def _fresh_model(seed=0, **overrides):
     return VStreamLlamaForCausalLM._from_config(config, attn_implementation="sdpa", dtype=torch.float32).eval()
 
 
+def _step_logits(decoders, ids, memory, steps):
+    """Each decoder's next-token logits from its own step function, after prefilling `ids` + `memory`
+    and decoding `steps` tokens: the steps compared over the same cache contents."""
+    logits = []
+    with torch.inference_mode():
+        for decoder in decoders:
+            decoder.prefill(ids, memory)
+            decoder.decode(steps)
+            logits.append(decoder._step_fn(decoder._ids, decoder._pos, decoder._mask(decoder._pos)))
+    return logits
+
+
 @pytest.mark.parametrize("kv_heads", [4, 2])  # plain attention, and grouped-query attention
 def test_fused_decode_step_equals_generate(kv_heads):
     """The fused-weight step (what the GPU graph captures) gives `generate`'s tokens, compiled (dynamo
@@ -214,12 +226,7 @@ def test_fused_decode_step_equals_generate(kv_heads):
         assert torch.equal(decoder.generate(ids, memory, max_new_tokens=12), reference)
     # the step's logits themselves, against the model's forward over the same prefilled cache
     plain, fused = (GreedyDecoder(model, max_cache_len=768, fused_step=f) for f in (False, True))
-    logits = []
-    with torch.inference_mode():
-        for decoder in (plain, fused):
-            decoder.prefill(ids, memory)
-            decoder.decode(3)
-            logits.append(decoder._step_fn(decoder._ids, decoder._pos, decoder._mask(decoder._pos)))
+    logits = _step_logits((plain, fused), ids, memory, 3)
     assert fused.mode == "fused_eager" and plain.mode == "eager"
     torch.testing.assert_close(logits[1], logits[0], rtol=1e-5, atol=1e-5)
     attn = model.get_model().layers[1].self_attn

@@ -11,11 +11,9 @@ import torch.nn.functional as F
 
 pytest.importorskip("triton")
 
-from test_bench import _reference  # noqa: E402 -- tests/ is on sys.path (pytest's default import mode)
+from test_bench import _fresh_model, _reference, _step_logits  # noqa: E402 -- tests/ is on sys.path
 
 from flash_vstream.constants import IMAGE_TOKEN_INDEX  # noqa: E402
-from flash_vstream.demo.tiny import tiny_vstream_config  # noqa: E402
-from flash_vstream.model import VStreamLlamaForCausalLM  # noqa: E402
 from flash_vstream.model import triton_kernels as tk  # noqa: E402
 from flash_vstream.model.fast_generate import GreedyDecoder  # noqa: E402
 from flash_vstream.model.fused_decode import FusedDecodeStep  # noqa: E402
@@ -91,19 +89,11 @@ def test_attention_takes_token_zero_apart_exactly(n, heads, head_dim, config):
         tk.attention(torch.randn(1, 5, 3 * 2 * 12), 2, 0.3)  # head size 12: not a power of two
 
 
-def _model(seed=0, **overrides):
-    torch.manual_seed(seed)
-    config = tiny_vstream_config(vocab_size=300, clip_dir=None, clip_hidden=32)
-    for key, value in overrides.items():
-        setattr(config, key, value)
-    return VStreamLlamaForCausalLM._from_config(config, attn_implementation="sdpa", dtype=torch.float32).eval()
-
-
 @pytest.mark.parametrize("kv_heads", [4, 2])
 def test_triton_decode_step_equals_generate(kv_heads):
     """The Triton step (what the GPU graph captures by default): `generate`'s tokens, and the model's own
     logits for a decode step over the same prefilled cache."""
-    model = _model(11, num_key_value_heads=kv_heads).to(DEVICE)
+    model = _fresh_model(11, num_key_value_heads=kv_heads).to(DEVICE)
     ids, memory = torch.tensor([1, 45, IMAGE_TOKEN_INDEX, 17, 33]), torch.randn(681, 32, device=DEVICE)
     reference = _reference(model, ids.to(DEVICE), memory, 8, None)
     decoder = GreedyDecoder(model, max_cache_len=768, cuda_graph=False, compile_step=False, fused_step=True,
@@ -112,17 +102,12 @@ def test_triton_decode_step_equals_generate(kv_heads):
     assert decoder.mode == "triton_eager", decoder.errors
     assert torch.equal(decoder.generate(ids, memory, max_new_tokens=8).to(reference.device), reference)
     plain = GreedyDecoder(model, max_cache_len=768, cuda_graph=False, compile_step=False, fused_step=False)
-    logits = []
-    with torch.inference_mode():
-        for d in (plain, decoder):
-            d.prefill(ids, memory)
-            d.decode(2)
-            logits.append(d._step_fn(d._ids, d._pos, d._mask(d._pos)))
+    logits = _step_logits((plain, decoder), ids, memory, 2)
     torch.testing.assert_close(logits[1], logits[0], rtol=1e-4, atol=1e-4)
 
 
 def test_triton_step_refuses_other_activations():
-    model = _model(12, hidden_act="gelu")
+    model = _fresh_model(12, hidden_act="gelu")
     with pytest.raises(NotImplementedError, match="SiLU"):
         FusedDecodeStep(model, triton=True)
     decoder = GreedyDecoder(model, max_cache_len=256, fused_step=True, triton_kernels=True)
