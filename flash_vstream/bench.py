@@ -647,8 +647,8 @@ def section_extraction(b, out):
     elif b.time_left() < COMPILE_MIN_TIME_S:
         out["notes"].append(f"torch.compile skipped: {b.time_left():.0f} s left of the time budget")
         want = False
-    variants = [("compiled", False)]  # (column, Triton fc1): what the compile buys, then the Triton kernel
-    if b.fast_vision.quick_gelu and usable(b.fast_vision.patch_weight):
+    variants = [("compiled", False)]  # (column, Triton kernels): what the compile buys, then the Triton kernels
+    if usable(b.fast_vision.patch_weight):
         variants.append(("compiled_triton", True))
     for column, triton in variants if want else ():
         try:

@@ -108,7 +108,7 @@ def test_triton_decode_step_equals_generate(kv_heads):
 
 def test_triton_step_refuses_other_activations():
     model = _fresh_model(12, hidden_act="gelu")
-    with pytest.raises(NotImplementedError, match="SiLU"):
+    with pytest.raises(NotImplementedError, match="'gelu' \\(SiLU only\\)"):
         FusedDecodeStep(model, triton=True)
     decoder = GreedyDecoder(model, max_cache_len=256, fused_step=True, triton_kernels=True)
     decoder.setup()
@@ -133,3 +133,20 @@ def test_fast_vision_encoder_with_triton_kernels(tiny_clip_dir):
     assert fast.triton and fast.triton_fc1  # CLIP's QuickGELU, aligned weights: both kernels run
     torch.testing.assert_close(fast.fused(pixels), stock, rtol=1e-4, atol=1e-4)
     assert fast(pixels[:1]).shape == (1, 256, 32)
+
+
+def test_without_triton_the_kernels_say_so(monkeypatch, tiny_clip_dir):
+    """A CPU install without Triton: nothing picks the kernels, and asking for one names what is missing."""
+    from transformers import CLIPVisionModel
+
+    from flash_vstream.model.multimodal_encoder.fast_encoder import FastVisionEncoder
+
+    monkeypatch.setattr(tk, "triton", None)
+    assert not tk.usable(torch.zeros(1))
+    with pytest.raises(ImportError, match="gemv is a Triton kernel: pip install triton"):
+        tk.gemv(torch.randn(4), torch.randn(2, 4))
+    encoder = FastVisionEncoder(CLIPVisionModel.from_pretrained(tiny_clip_dir).eval())
+    with pytest.raises(ImportError, match="Triton is not installed"):
+        encoder.use_triton()
+    encoder.compile(backend="eager")  # the default on a machine without Triton: PyTorch's kernels
+    assert encoder.compiled and not encoder.triton

@@ -58,7 +58,8 @@ class FusedDecodeStep:
 
     `triton`: run the products as `triton_kernels.gemv`, with each product's RMSNorm, SiLU gating and
     residual add folded into it (five kernels per layer with attention, instead of about nine once
-    compiled). None = when the kernels can run on the model's device; only for SiLU-gated layers.
+    compiled). None = when the kernels can run on the model's device and the model's layers are SiLU-gated
+    with LLaMA's RMSNorm; True for other layers raises `NotImplementedError`.
     """
 
     def __init__(self, model, triton=None):
@@ -74,10 +75,25 @@ class FusedDecodeStep:
         self.kv_size = attn.k_proj.out_features
         self.scaling = attn.scaling
         self.gqa = self.q_size != self.kv_size
-        silu = getattr(model.config, "hidden_act", None) == "silu"
-        if triton and not silu:
-            raise NotImplementedError(f"the Triton step folds in SiLU, not {model.config.hidden_act!r}")
-        self.triton = triton_kernels.usable(self.weights[0][0]) and silu if triton is None else bool(triton)
+        foldable = self._foldable()
+        if triton and foldable is not True:
+            raise NotImplementedError(f"the Triton step cannot fold in {foldable}")
+        if triton is None:
+            triton = triton_kernels.usable(self.weights[0][0]) and foldable is True
+        self.triton = bool(triton)
+
+    def _foldable(self):
+        """True when the Triton products can fold in this model's element-wise work (SiLU gating, LLaMA's
+        RMSNorm: weight * x / rms(x)), else what they cannot."""
+        from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+        act = getattr(self.model.config, "hidden_act", None)
+        if act != "silu":
+            return f"the activation {act!r} (SiLU only)"
+        norms = [self.body.norm] + [n for layer in self.body.layers
+                                    for n in (layer.input_layernorm, layer.post_attention_layernorm)]
+        odd = next((n for n in norms if not isinstance(n, LlamaRMSNorm)), None)
+        return True if odd is None else f"a {type(odd).__name__} (LlamaRMSNorm only)"
 
     def _product(self, x, weight, norm=None, gated=False, residual=None):
         """weight @ f(x) (+ residual), f: `norm` (an RMSNorm module) or SiLU(gate) * up of x = [gate | up]."""

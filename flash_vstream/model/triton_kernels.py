@@ -32,6 +32,11 @@ def usable(tensor):
     return triton is not None and tensor.is_cuda
 
 
+def _require(name):
+    if triton is None:
+        raise ImportError(f"{name} is a Triton kernel: pip install triton (CUDA builds of PyTorch bring it)")
+
+
 if triton is not None:
 
     @triton.jit
@@ -171,6 +176,7 @@ def gemv(x, weight, norm=None, eps=0.0, gated=False, residual=None, config=None)
     norm: an RMSNorm weight (K,): the input is first RMS-normalised with `eps` and scaled by it.
     residual: N values added to the result.
     """
+    _require("gemv")
     n, k = weight.shape
     if x.numel() != (2 * k if gated else k):
         raise ValueError(f"gemv: {x.numel()} input values for a ({n}, {k}) weight (gated={gated})")
@@ -194,6 +200,7 @@ def linear_quick_gelu(x, weight, bias, config=None):
 
     K must be a multiple of the config's BLOCK_K (64 by default; CLIP's 1024 is) or a power of two below it.
     """
+    _require("linear_quick_gelu")
     n, k = weight.shape
     block_m, block_n, block_k, group_m, warps, stages = config or LINEAR_CONFIG
     if x.element_size() > 2:  # fp32: smaller tiles, to fit the stages and the output tile in shared memory
@@ -226,6 +233,7 @@ def attention(qkv, heads, scale, config=None):
     each token [q | k | v] with the heads side by side -> (B, N, heads * hd), the heads side by side
     again (what the output projection reads). Token 0's key is taken apart from the others (see the
     kernel); the result is plain softmax(q k^T * scale) v."""
+    _require("attention")
     b, n, three_width = qkv.shape
     head_dim = three_width // (3 * heads)
     if three_width != 3 * heads * head_dim or head_dim & (head_dim - 1) or head_dim < 16:

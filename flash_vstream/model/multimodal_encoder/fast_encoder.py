@@ -9,6 +9,7 @@ import torch.nn.functional as F
 
 from ..cuda_utils import capture_graph, sync
 from ..fusing import fuse_linears
+from .. import triton_kernels
 from ..triton_kernels import attention, linear_quick_gelu, multiprocessors, usable
 
 
@@ -162,6 +163,8 @@ class FastVisionEncoder:
         bias and QuickGELU as `linear_quick_gelu` instead of cuBLAS and an element-wise kernel. The fc1
         kernel reads its weights by TMA, which needs them 16-byte aligned, and applies QuickGELU only:
         otherwise fc1 stays as it is."""
+        if enable and triton_kernels.triton is None:
+            raise ImportError("FastVisionEncoder.use_triton: Triton is not installed")
         self.triton = bool(enable)
         self.triton_fc1 = self.triton and self.quick_gelu and all(
             w["fc1"][0].data_ptr() % 16 == 0 for w in self.weights)
