@@ -194,7 +194,7 @@ class StreamSession:
         self._memory_bound = memory_num_tokens(10**6, model.config)  # the tokens a long stream's memory reaches
 
     def warm_up(self):
-        """Build the fast path now (CLIP graph capture; decode-step compile and capture, 20-40 s on a 7B with
+        """Build the fast path now (CLIP graph capture; decode-step compile and capture, 30-50 s on a 7B with
         `compile_decode`) instead of at the first frame and question. Then freezes the heap (`gc.freeze()`):
         what exists now is never scanned again by the garbage collector, nor collected as a cycle --
         meant for the one long-lived session of a process, as the realtime CLI runs it."""
