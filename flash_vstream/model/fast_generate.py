@@ -122,8 +122,8 @@ class GreedyDecoder:
         self.check_every = max(1, int(check_every))
         self.errors = {}  # setup failures by attempt ("triton_compiled", "fused_compiled", ...; "fuse")
         self.mode = "eager"  # how decode steps run: [triton_|fused_][compiled_]cuda_graph, or ..._eager
-        self._cache_kw = _cache_kwarg(model)
         self._cache = make_static_cache(model.config, self.max_cache_len, self.device, self.dtype)
+        self._cache_kwargs = {_cache_kwarg(model): self._cache}  # how the model's forward takes the cache
         long = dict(dtype=torch.long, device=self.device)
         self._ids = torch.zeros(1, 1, **long)  # token fed to the next step
         self._pos = torch.zeros(1, **long)  # its position
@@ -194,7 +194,7 @@ class GreedyDecoder:
     # the step functions close over the model and the cache, not over the decoder: no reference cycle
     # (the realtime session freezes the heap after warming up, and frozen cycles are never collected)
     def _model_step(self, model):
-        cache = {self._cache_kw: self._cache}
+        cache = self._cache_kwargs
 
         def step(ids, position, mask):
             return _last_logits(model, cache, input_ids=ids, position_ids=position.view(1, 1), attention_mask=mask)
@@ -240,7 +240,7 @@ class GreedyDecoder:
         else:
             self._cache.reset()  # in place: the captured step keeps pointing at the same K/V tensors
         positions = torch.arange(start, length, device=self.device)  # (P,)
-        first = _last_logits(self.model, {self._cache_kw: self._cache}, inputs_embeds=embeds,
+        first = _last_logits(self.model, self._cache_kwargs, inputs_embeds=embeds,
                              position_ids=positions[None], attention_mask=self._mask(positions))
         return first.argmax(dim=-1), length  # (1,)
 
@@ -249,10 +249,10 @@ class GreedyDecoder:
         -> the greedy token after the last real one. Pads write K/V past the real end; those slots are
         masked and rewritten by the decode steps."""
         ids, positions, last, first, _ = self._suffix[bucket]
-        kwargs = {self._cache_kw: self._cache}
         body = self.model.get_model()  # the LlamaModel: the wrapper's forward would look for <image> on the host
-        hidden = body(inputs_embeds=body.embed_tokens(ids), position_ids=positions[None],
-                      attention_mask=self._mask(positions), use_cache=True, **kwargs).last_hidden_state[0]  # (B, hidden)
+        out = body(inputs_embeds=body.embed_tokens(ids), position_ids=positions[None],
+                   attention_mask=self._mask(positions), use_cache=True, **self._cache_kwargs)
+        hidden = out.last_hidden_state[0]  # (B, hidden)
         logits = self.model.lm_head(hidden.index_select(0, last))  # (1, vocab): the last real token only
         first.copy_(logits.argmax(dim=-1))  # (1,)
 
