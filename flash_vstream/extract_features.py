@@ -151,7 +151,7 @@ class FrameEncoder:
 
     def __init__(self, vision_tower, device="cpu", dtype="fp16", image_aspect_ratio="pad", compile=False):
         from .model.multimodal_encoder.clip_encoder import CLIPVisionTower
-        from .model.multimodal_encoder.fast_encoder import FastVisionEncoder
+        from .runtime.vision import FastVisionEncoder
 
         if dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")

@@ -2,13 +2,13 @@
 # The benchmark of issue 8 in one command: the real-time path on one GPU (CLIP extraction, streaming
 # ingest, question -> answer, decode tokens/s, peak memory) beside the stock stack and two baselines.
 #
-#   bash scripts/benchmark.sh [OUT_DIR] [flags of python -m flash_vstream.bench]
+#   bash scripts/benchmark.sh [OUT_DIR] [flags of python -m benchmarks.realtime]
 #   bash scripts/benchmark.sh bench_out                              # 7B-shaped random bf16 weights, ~3 min on an H100
 #   bash scripts/benchmark.sh bench_out --model-path ckpt/Flash-VStream-7b
 #   bash scripts/benchmark.sh /tmp/b --preset tiny --device cpu      # smoke run anywhere
 #
 # Writes OUT_DIR/bench.json and OUT_DIR/bench.png and prints the table. Without matplotlib on the GPU
-# machine, redraw later with: python -m flash_vstream.bench --output-dir OUT_DIR --replot
+# machine, redraw later with: python -m benchmarks.realtime --output-dir OUT_DIR --replot
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -19,4 +19,4 @@ if [[ $# -gt 0 && "$1" != -* ]]; then
 fi
 export TOKENIZERS_PARALLELISM=false
 export HF_HUB_OFFLINE="${HF_HUB_OFFLINE:-1}"  # nothing is downloaded: random weights or a local --model-path
-exec python -m flash_vstream.bench --output-dir "$OUT_DIR" "$@"
+exec python -m benchmarks.realtime --output-dir "$OUT_DIR" "$@"

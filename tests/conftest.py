@@ -4,14 +4,13 @@ import pytest
 import torch
 
 # Without a GPU, Triton kernels run in Triton's interpreter (numpy, on CPU tensors); it is chosen when
-# Triton is imported, so before anything imports flash_vstream.model.triton_kernels.
+# Triton is imported, so before anything imports flash_vstream.runtime.triton_kernels.
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from flash_vstream.demo.tiny import build_tiny_clip  # noqa: E402
 
-SHARED = os.path.join(os.path.dirname(__file__), "..", "..", "shared")
-EXAMPLE_MP4 = os.path.abspath(os.path.join(SHARED, "data", "example.mp4"))
+from support import EXAMPLE_MP4  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -22,8 +21,8 @@ def tiny_clip_dir(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def example_mp4():
-    if not os.path.exists(EXAMPLE_MP4):
-        pytest.skip(f"{EXAMPLE_MP4} not found")
+    """The real video the repository tracks (assets/example.mp4): a test that needs it fails without it."""
+    assert os.path.exists(EXAMPLE_MP4), f"{EXAMPLE_MP4} is missing from the checkout"
     return EXAMPLE_MP4
 
 

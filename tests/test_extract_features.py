@@ -1,6 +1,5 @@
 """Feature extraction CLI and API (flash_vstream.extract_features) and the benchmark smoke run."""
 
-import importlib.util
 import json
 import os
 import shutil
@@ -18,7 +17,7 @@ from flash_vstream.mm_utils import process_images
 from flash_vstream.video_io import (feature_file_for, load_features, load_features_with_meta, read_frames, temp_files_for,
                                     valid_feature_file)
 
-ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
+from support import REPO as ROOT
 HIDDEN = 32  # the tiny CLIP's hidden size
 
 
@@ -244,9 +243,7 @@ def test_python_api_with_built_tower(media, tmp_path, tiny_clip_dir):
 
 
 def test_bench_extract_tiny_smoke(example_mp4, tmp_path):
-    spec = importlib.util.spec_from_file_location("bench_extract", os.path.join(ROOT, "scripts", "bench_extract.py"))
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    from benchmarks import extract as bench
     out = tmp_path / "bench.json"
     assert bench.main(["--tiny", "--device", "cpu", "--end", "2", "--video", example_mp4, "--output", str(out)]) == 0
     result = json.loads(out.read_text())

@@ -36,9 +36,9 @@ from transformers.generation.streamers import BaseStreamer
 from ..constants import DEFAULT_IMAGE_TOKEN
 from ..conversation import conv_templates
 from ..mm_utils import KeywordsStoppingCriteria, process_images, tokenizer_image_token
-from ..model.fast_generate import GreedyDecoder, prefix_through_image
+from ..runtime.decoder import GreedyDecoder, prefix_through_image
 from ..model.memory import STARMemory, memory_num_tokens
-from ..model.multimodal_encoder.fast_encoder import FastVisionEncoder
+from ..runtime.vision import FastVisionEncoder
 
 TIME_EPS = 1e-6  # seconds: a question at t and a frame at t are simultaneous (the frame counts)
 CONVERSATION_MODES = ("fresh", "continue")

@@ -1,4 +1,4 @@
-"""The two baselines `flash_vstream.bench` measures beside the STAR-memory path.
+"""The two baselines `benchmarks.realtime` measures beside the STAR-memory path.
 
 (a) Full context: no memory at all -- every frame's 8x8 pooled tokens (64 per frame) go to the LLM,
     so the prompt grows with the stream. We time the prefill (question -> first token, stock
@@ -16,8 +16,8 @@ import time
 
 import torch
 
-from .constants import IMAGE_TOKEN_INDEX
-from .model.cuda_utils import free_memory, sync
+from flash_vstream.constants import IMAGE_TOKEN_INDEX
+from flash_vstream.runtime.cuda_utils import free_memory, sync
 
 
 def _is_oom(error):

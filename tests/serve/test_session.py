@@ -259,14 +259,13 @@ def test_memory_plot_writes_a_png(loaded, stream, tmp_path):
 
 
 def test_check_fast_session_script_passes_on_cpu():
-    """scripts/check_fast_session.py (the GPU check of the fast path) runs and agrees on the CPU."""
-    import os
+    """benchmarks/check_fast_session.py (the GPU check of the fast path) runs and agrees on the CPU."""
     import subprocess
     import sys
 
-    script = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "scripts",
-                          "check_fast_session.py")
-    result = subprocess.run([sys.executable, script, "--device", "cpu", "--frames", "6", "--ask-every", "3"],
-                            capture_output=True, text=True, timeout=300)
+    from support import REPO
+
+    result = subprocess.run([sys.executable, "-m", "benchmarks.check_fast_session", "--device", "cpu", "--frames", "6",
+                             "--ask-every", "3"], capture_output=True, text=True, timeout=300, cwd=REPO)
     assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
     assert result.stdout.count("answer equal True") == 2 and result.stdout.strip().endswith("OK")

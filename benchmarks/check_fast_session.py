@@ -5,8 +5,8 @@ Builds a tiny random Flash-VStream in fp32 (nothing downloaded), streams random 
 its CUDA graphs) and `fast=False` (CLIPVisionTower + `model.generate`) -- and compares the memory
 snapshots and the answers every few frames. Exit 1 when anything differs.
 
-    python scripts/check_fast_session.py                 # CUDA when available
-    python scripts/check_fast_session.py --device cpu --frames 10
+    python -m benchmarks.check_fast_session                 # CUDA when available
+    python -m benchmarks.check_fast_session --device cpu --frames 10
 """
 
 import argparse
@@ -17,11 +17,10 @@ import tempfile
 import numpy as np
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from flash_vstream.demo.tiny import TINY_CORPUS, build_tiny_clip, build_tiny_vstream, train_tokenizer  # noqa: E402
-from flash_vstream.model.builder import load_pretrained_model  # noqa: E402
-from flash_vstream.serve.session import StreamSession  # noqa: E402
+from flash_vstream.demo.tiny import TINY_CORPUS, build_tiny_clip, build_tiny_vstream, train_tokenizer
+from flash_vstream.model.builder import load_pretrained_model
+from flash_vstream.serve.session import StreamSession
 
 
 def main(argv=None):

@@ -1,84 +1,13 @@
-"""The benchmark on the tiny preset (CPU, seconds), and the fast greedy decoder against `generate`."""
-
-import json
-import os
-import subprocess
+"""The fast greedy decoder (runtime/decoder.py) and the fused decode step against `generate`."""
 
 import pytest
 import torch
 
-from flash_vstream import bench
 from flash_vstream.constants import IMAGE_TOKEN_INDEX
 from flash_vstream.demo.tiny import tiny_vstream_config
 from flash_vstream.model import VStreamLlamaForCausalLM
-from flash_vstream.model.fast_generate import GreedyDecoder, greedy_generate
-
-
-def test_bench_tiny_cpu_end_to_end(tmp_path):
-    out = tmp_path / "bench"
-    code = bench.main(["--preset", "tiny", "--device", "cpu", "--output-dir", str(out), "--positions", "5,20",
-                       "--window", "2", "--answer-tokens", "4", "--strict"])
-    assert code == 0
-    report = json.loads((out / "bench.json").read_text())
-    assert {"meta", "targets", "sections", "summary"} <= set(report)
-    for key in ("device", "torch", "transformers", "preset", "dtype", "duration_s"):
-        assert key in report["meta"]
-    assert report["targets"]["ttft_ms"] == 25.0 and report["targets"]["peak_mem_gb"] == 15.0
-    sections = report["sections"]
-    assert set(bench.SECTIONS) | {"build"} == set(sections)
-    assert all(s["status"] == "ok" for s in sections.values()), {k: s.get("error") for k, s in sections.items()}
-
-    clip = sections["clip_one_frame"]
-    assert clip["stock_ms"]["p50"] > 0 and clip["optimised_ms"]["p50"] > 0
-    assert clip["truncated_vs_stock_rel_err"] < 1e-6  # the fast encoder returns what CLIPVisionTower returns
-
-    decode = sections["decode"]
-    assert decode["memory_tokens"] == 681
-    assert decode["stock"]["new_tokens"] == decode["optimised"]["new_tokens"] == 4  # EOS ignored: forced length
-    assert decode["tokens_equal_stock"]
-
-    streaming = sections["streaming"]
-    assert [p["position_frames"] for p in streaming["positions"]] == [0, 5, 20]
-    for p in streaming["positions"]:
-        assert p["frames_seen"] >= p["position_frames"]
-        for key in ("ingest_ms", "ttft_ms", "answer_ms"):
-            assert p[key]["stock"]["n"] >= 1 and p[key]["optimised"]["p99"] > 0
-        assert p["update_ms"]["n"] == 2
-        assert p["ttft_ms"]["optimised_uncached"]["n"] >= 1 and p["prefix_refresh_ms"]["p50"] > 0
-        assert p["cached_prefix_answer_equal_uncached"]  # fp32 on the CPU: exactly the same answer
-        assert set(p["peak_mem_gb"]) == {"stock", "optimised"}  # None on CPU
-    assert streaming["positions"][-1]["memory_tokens"] == 681
-
-    upstream = sections["baseline_upstream_buffer"]["rows"]
-    assert [r["frames"] for r in upstream] == [5, 20]
-    assert upstream[1]["buffer_bytes"] == 20 * 64 * 32 * 2 and upstream[1]["copy_ms"] > 0
-    full = sections["baseline_full_context"]
-    assert [r["frames"] for r in full["rows"]] == [5, 20] and all(r["status"] == "ok" for r in full["rows"])
-    assert full["rows"][1]["tokens"] == 20 * 64
-    extraction = sections["extraction"]["rows"]
-    assert [r["batch"] for r in extraction] == [2, 4] and all(r["optimised_fps"] > 0 for r in extraction)
-
-    metrics = [r["metric"] for r in report["summary"]]
-    assert "decode tokens/s, batch 1" in metrics and any("ingest p99" in m for m in metrics)
-    png = out / "bench.png"
-    assert png.stat().st_size > 10_000 and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-
-
-def test_benchmark_script_runs_selected_sections(tmp_path):
-    """scripts/benchmark.sh passes its flags through; skipped sections are recorded as such."""
-    script = os.path.join(os.path.dirname(__file__), "..", "scripts", "benchmark.sh")
-    skip = "decode,streaming,baseline_full_context,extraction"
-    result = subprocess.run(["bash", script, str(tmp_path), "--preset", "tiny", "--device", "cpu", "--positions", "3",
-                             "--strict", "--skip", skip], capture_output=True, text=True, timeout=120)
-    assert result.returncode == 0, result.stderr[-2000:]
-    assert "one-frame CLIP ms" in result.stdout
-    report = json.loads((tmp_path / "bench.json").read_text())
-    statuses = {k: v["status"] for k, v in report["sections"].items()}
-    assert statuses == {"build": "ok", "clip_one_frame": "ok", "baseline_upstream_buffer": "ok",
-                        **{k: "skipped" for k in skip.split(",")}}
-    assert (tmp_path / "bench.png").exists()
-    with pytest.raises(SystemExit):
-        bench.parse_args(["--output-dir", str(tmp_path), "--skip", "nonsense"])
+from flash_vstream.runtime.decoder import GreedyDecoder, greedy_generate
+from support.decoding import fresh_model as _fresh_model, reference as _reference, step_logits as _step_logits
 
 
 @pytest.fixture(scope="module")
@@ -87,19 +16,6 @@ def tiny_model():
     torch.manual_seed(0)
     model = VStreamLlamaForCausalLM._from_config(config, attn_implementation="sdpa", dtype=torch.float32)
     return model.eval()
-
-
-def _reference(model, ids, memory, max_new_tokens, eos_token_id):
-    """`model.generate` greedy, new tokens only; `eos_token_id=None` generates exactly max_new_tokens."""
-    model.generation_config.eos_token_id = eos_token_id
-    try:
-        with torch.no_grad():
-            if memory is None:
-                out = model.generate(ids[None], max_new_tokens=max_new_tokens, do_sample=False)
-                return out[:, ids.numel():]  # text-only generate returns the prompt too
-            return model.generate(ids[None], memory=[memory], max_new_tokens=max_new_tokens, do_sample=False)
-    finally:
-        model.generation_config.eos_token_id = 2
 
 
 @pytest.mark.parametrize("with_memory", [True, False])
@@ -188,27 +104,6 @@ def test_compiled_decode_step_traces_and_matches(tiny_model):
     assert torch.equal(decoder.generate(ids, memory, max_new_tokens=10), _reference(tiny_model, ids, memory, 10, None))
 
 
-def _fresh_model(seed=0, **overrides):
-    """A tiny model of its own (fusing rewrites the weights' storage: keep the shared fixture untouched)."""
-    torch.manual_seed(seed)
-    config = tiny_vstream_config(vocab_size=300, clip_dir=None, clip_hidden=32)
-    for key, value in overrides.items():
-        setattr(config, key, value)
-    return VStreamLlamaForCausalLM._from_config(config, attn_implementation="sdpa", dtype=torch.float32).eval()
-
-
-def _step_logits(decoders, ids, memory, steps):
-    """Each decoder's next-token logits from its own step function, after prefilling `ids` + `memory`
-    and decoding `steps` tokens: the steps compared over the same cache contents."""
-    logits = []
-    with torch.inference_mode():
-        for decoder in decoders:
-            decoder.prefill(ids, memory)
-            decoder.decode(steps)
-            logits.append(decoder._step_fn(decoder._ids, decoder._pos, decoder._mask(decoder._pos)))
-    return logits
-
-
 @pytest.mark.parametrize("kv_heads", [4, 2])  # plain attention, and grouped-query attention
 def test_fused_decode_step_equals_generate(kv_heads):
     """The fused-weight step (what the GPU graph captures) gives `generate`'s tokens, compiled (dynamo
@@ -259,7 +154,7 @@ def test_decoder_is_freed_without_the_collector(fused):
 
 
 def test_fusing_is_idempotent_and_follows_reloaded_weights():
-    from flash_vstream.model.fused_decode import fuse_projections
+    from flash_vstream.runtime.fused_decode import fuse_projections
 
     model = _fresh_model(5)
     first = fuse_projections(model)
@@ -274,7 +169,7 @@ def test_fusing_is_idempotent_and_follows_reloaded_weights():
 
 
 def test_fused_step_refuses_a_layer_it_does_not_model():
-    from flash_vstream.model.fused_decode import FusedDecodeStep
+    from flash_vstream.runtime.fused_decode import FusedDecodeStep
 
     biased = _fresh_model(6, attention_bias=True)
     with pytest.raises(NotImplementedError, match="biases"):
@@ -284,21 +179,6 @@ def test_fused_step_refuses_a_layer_it_does_not_model():
     assert decoder.mode == "eager" and "biases" in decoder.errors["fused"]
     ids = torch.tensor([1, 45, 17, 33])
     assert torch.equal(decoder.generate(ids, max_new_tokens=5), _reference(biased, ids, None, 5, None))
-
-
-def test_watchdog_ends_a_run_that_overstays(tmp_path):
-    """--hard-limit-s ends the process with tracebacks (a hung CUDA call cannot hold the run past it)."""
-    import subprocess
-    import sys
-    import time
-
-    started = time.time()
-    result = subprocess.run([sys.executable, "-m", "flash_vstream.bench", "--output-dir", str(tmp_path),
-                             "--preset", "tiny", "--device", "cpu", "--hard-limit-s", "0.5"],
-                            capture_output=True, text=True, timeout=120)
-    assert result.returncode != 0
-    assert "Timeout" in result.stderr and "Thread" in result.stderr
-    assert time.time() - started < 100
 
 
 def test_suffix_warm_up_prepares_sizes_and_leaves_no_prefix(tiny_model):
@@ -337,38 +217,3 @@ def test_graphed_steps_never_read_the_device_from_the_host(tiny_model, monkeypat
         with monkeypatch.context() as patch, torch.inference_mode():
             patch.setattr(torch.Tensor, "__bool__", no_host_read)
             tiny_model(input_ids=torch.tensor([[1, 5, 7]]))  # several ids: forward looks for <image> (a read)
-
-
-def test_fast_vision_encoder_paths():
-    """One frame and eager(): the tower's own modules, bit for bit. The batched path (fused q/k/v, patch
-    embedding as a product; compiled on CUDA) computes the same features up to rounding, and fusing
-    re-points the tower's weights instead of copying them."""
-    from transformers import CLIPVisionConfig, CLIPVisionModel
-
-    from flash_vstream.model.multimodal_encoder.fast_encoder import FastVisionEncoder
-
-    config = CLIPVisionConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
-                              image_size=28, patch_size=14, hidden_act="quick_gelu")
-    torch.manual_seed(7)
-    clip = CLIPVisionModel._from_config(config, attn_implementation="sdpa").eval()
-    pixels = torch.randn(3, 3, 28, 28)
-    with torch.no_grad():
-        stock = clip(pixels, output_hidden_states=True).hidden_states[-2]  # (3, 1 + 4, 64)
-        one = clip(pixels[:1], output_hidden_states=True).hidden_states[-2][:, 1:]  # CPU kernels round per batch size
-    fast = FastVisionEncoder(clip, select_layer=-2, select_feature="patch")
-    assert len(fast.layers) == 2
-    assert torch.equal(fast.eager(pixels), stock[:, 1:]) and torch.equal(fast(pixels[:1]), one)
-    fused = fast.fused(pixels)
-    torch.testing.assert_close(fused, stock[:, 1:], rtol=1e-5, atol=1e-5)
-    attn = fast.layers[1].self_attn
-    assert attn.v_proj.weight.data_ptr() == attn.fused_qkv_weight[2 * 64].data_ptr()
-    assert attn.k_proj.bias.data_ptr() == attn.fused_qkv_bias[64:].data_ptr()
-    with torch.no_grad():  # the tower itself still computes the same
-        assert torch.equal(clip(pixels, output_hidden_states=True).hidden_states[-2], stock)
-    fast.compile(backend="eager")  # the trace alone (quick on CPU); the GPU compiles with Inductor
-    assert fast.compiled and torch.equal(fast(pixels), fused)
-    assert torch.equal(fast(pixels[:1]), one)  # one frame keeps the exact path
-    keep_cls = FastVisionEncoder(clip, select_layer=1, select_feature="cls_patch")
-    with torch.no_grad():
-        torch.testing.assert_close(keep_cls.fused(pixels), clip(pixels, output_hidden_states=True).hidden_states[1],
-                                   rtol=1e-5, atol=1e-5)

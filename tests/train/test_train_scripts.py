@@ -10,7 +10,7 @@ import pytest
 from flash_vstream.model import VStreamConfig
 from flash_vstream.train.train import CONFIG_FIELDS, parse_args
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from support import REPO
 ENTRY = "flash_vstream/train/train_mem.py"
 
 

@@ -7,10 +7,10 @@ benchmark (batched: regional `torch.compile`).
 import torch
 import torch.nn.functional as F
 
-from ..cuda_utils import capture_graph, sync
-from ..fusing import fuse_linears
-from .. import triton_kernels
-from ..triton_kernels import attention, linear_quick_gelu, multiprocessors, usable
+from .cuda_utils import capture_graph, sync
+from .fusing import fuse_linears
+from . import triton_kernels
+from .triton_kernels import attention, linear_quick_gelu, multiprocessors, usable
 
 
 class FastVisionEncoder:

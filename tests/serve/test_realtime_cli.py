@@ -20,7 +20,7 @@ from flash_vstream.serve.session import MemorySnapshot, StreamSession
 from flash_vstream.serve.sources import FrameSource, open_source
 from flash_vstream.video_io import VideoReadError, iter_frames
 
-REPO = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
+from support import REPO
 MODULE = "flash_vstream.serve.cli_video_stream"
 PNG = b"\x89PNG\r\n\x1a\n"
 

@@ -2,14 +2,12 @@
 under DeepSpeed ZeRO-2 and ZeRO-3 (gloo), so the script cannot rot and the multi-process path works."""
 
 import json
-import os
 import subprocess
 import sys
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(REPO, "scripts"))
+from support import REPO
 
-import bench_train  # noqa: E402
+from benchmarks import train as bench_train
 
 
 def test_model_flops_per_token_by_stage():
@@ -22,8 +20,8 @@ def test_two_process_zero2_then_zero3_on_cpu(tmp_path):
     args = ["--output-dir", str(tmp_path), "--device", "cpu", "--gpus", "2", "--hidden", "64",
             "--intermediate", "128", "--layers", "2", "--heads", "4", "--clip-layers", "2", "--steps", "5",
             "--warmup-steps", "2", "--batch", "2", "--records", "16", "--frames", "8", "--workers", "0"]
-    result = subprocess.run([sys.executable, os.path.join(REPO, "scripts", "bench_train.py"), *args],
-                            capture_output=True, text=True, timeout=600)
+    result = subprocess.run([sys.executable, "-m", "benchmarks.train", *args],
+                            capture_output=True, text=True, timeout=600, cwd=REPO)
     assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
     report = json.loads((tmp_path / "bench_train.json").read_text())
     assert report["gpus"] == 2 and report["tokens_per_sample"] > 681

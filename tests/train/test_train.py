@@ -17,7 +17,7 @@ from flash_vstream.model.builder import load_pretrained_model
 from flash_vstream.train.train import train
 from flash_vstream.video_io import save_features
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from support import REPO
 
 
 def _frames(color, n, size=24):

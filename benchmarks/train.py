@@ -6,7 +6,7 @@ the real training entry (`flash_vstream.train.train.train`) through DeepSpeed fo
 reports samples/s, tokens/s, peak GPU memory and model-FLOPs utilisation per GPU (see
 `flops_per_token`), plus what the 7B run would take at the measured utilisation.
 
-    python scripts/bench_train.py --output-dir OUT [--gpus 2] [--steps 30] [--zero-stage1 scripts/zero2.json]
+    python -m benchmarks.train --output-dir OUT [--gpus 2] [--steps 30] [--zero-stage1 scripts/zero2.json]
                                   [--zero-stage2 scripts/zero3.json]
 
 Throughput is steady state: the optimizer steps after the first --warmup-steps, timed from one step's
@@ -126,16 +126,15 @@ def run_stage(root, stage, zero, args):
     metrics_file = f"{root}/metrics{stage}.json"
     port = str(free_port())
     env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    me = os.path.abspath(__file__)
     if args.gpus == 1:
         env.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", LOCAL_WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
                    MASTER_PORT=port)
-        cmd = [sys.executable, me, "--worker", metrics_file, *argv]
+        cmd = [sys.executable, "-m", "benchmarks.train", "--worker", metrics_file, *argv]
     else:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(args.gpus),
-               "--master_addr", "127.0.0.1", "--master_port", port, me, "--worker", metrics_file, *argv]
+               "--master_addr", "127.0.0.1", "--master_port", port, "-m", "benchmarks.train", "--worker", metrics_file, *argv]
     started = time.time()
-    result = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    result = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=REPO)
     if result.returncode:
         return {"stage": stage, "zero": os.path.basename(zero), "error": result.stderr[-4000:]}
     ranks = []

@@ -10,7 +10,7 @@ import pytest
 
 from flash_vstream.demo import run_demo, synthetic
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from support import REPO
 
 
 @pytest.fixture(scope="module")

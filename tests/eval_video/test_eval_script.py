@@ -5,11 +5,11 @@ import os
 import subprocess
 import sys
 
-from fake_openai_server import FakeOpenAIServer, Reply
+from support.fake_openai_server import FakeOpenAIServer, Reply
 from flash_vstream.eval_video import inference, run_eval
 from flash_vstream.eval_video.aggregate import read_jsonl
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from support import REPO
 EVAL_SH = os.path.join(REPO, "scripts", "eval.sh")
 
 

@@ -11,12 +11,12 @@ import torch.nn.functional as F
 
 pytest.importorskip("triton")
 
-from test_bench import _fresh_model, _reference, _step_logits  # noqa: E402 -- tests/ is on sys.path
+from support.decoding import fresh_model as _fresh_model, reference as _reference, step_logits as _step_logits  # noqa: E402
 
 from flash_vstream.constants import IMAGE_TOKEN_INDEX  # noqa: E402
-from flash_vstream.model import triton_kernels as tk  # noqa: E402
-from flash_vstream.model.fast_generate import GreedyDecoder  # noqa: E402
-from flash_vstream.model.fused_decode import FusedDecodeStep  # noqa: E402
+from flash_vstream.runtime import triton_kernels as tk  # noqa: E402
+from flash_vstream.runtime.decoder import GreedyDecoder  # noqa: E402
+from flash_vstream.runtime.fused_decode import FusedDecodeStep  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -120,7 +120,7 @@ def test_fast_vision_encoder_with_triton_kernels(tiny_clip_dir):
     patch grid (257 tokens): the tower's features up to rounding."""
     from transformers import CLIPVisionModel
 
-    from flash_vstream.model.multimodal_encoder.fast_encoder import FastVisionEncoder
+    from flash_vstream.runtime.vision import FastVisionEncoder
 
     clip = CLIPVisionModel.from_pretrained(tiny_clip_dir).eval().to(DEVICE)
     with torch.no_grad():
@@ -139,7 +139,7 @@ def test_without_triton_the_kernels_say_so(monkeypatch, tiny_clip_dir):
     """A CPU install without Triton: nothing picks the kernels, and asking for one names what is missing."""
     from transformers import CLIPVisionModel
 
-    from flash_vstream.model.multimodal_encoder.fast_encoder import FastVisionEncoder
+    from flash_vstream.runtime.vision import FastVisionEncoder
 
     monkeypatch.setattr(tk, "triton", None)
     assert not tk.usable(torch.zeros(1))

@@ -1,7 +1,7 @@
 """Benchmark of feature extraction (not a test): CPU decode rate and GPU encoder rate.
 
-    python scripts/bench_extract.py --output bench_extract.json            # on a CUDA machine
-    python scripts/bench_extract.py --tiny --output /tmp/b.json            # CPU smoke run
+    python -m benchmarks.extract --output bench_extract.json            # on a CUDA machine
+    python -m benchmarks.extract --tiny --output /tmp/b.json            # CPU smoke run
 
 (a) Decode frames/s of a video (default ../shared/data/example.mp4) on the CPU with PyAV (and
 decord when installed): every frame at its native rate, and samples at 1 fps.
@@ -25,12 +25,11 @@ import time
 
 import torch
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from flash_vstream.mm_utils import process_images  # noqa: E402
-from flash_vstream.video_io import iter_frames  # noqa: E402
+from flash_vstream.mm_utils import process_images
+from flash_vstream.video_io import iter_frames
 
-DEFAULT_VIDEO = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "shared", "data", "example.mp4")
+DEFAULT_VIDEO = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "assets", "example.mp4")
 # CLIP ViT-L/14 at 224 px (openai/clip-vit-large-patch14's vision config)
 VIT_L14 = dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
                image_size=224, patch_size=14, projection_dim=768, hidden_act="quick_gelu")

@@ -1,8 +1,8 @@
 """Benchmark of the real-time path on one GPU, side by side with the stock stack and two baselines.
 
-    python -m flash_vstream.bench --output-dir DIR                        # 7B-shaped, random bf16 weights
-    python -m flash_vstream.bench --output-dir DIR --model-path ckpt/Flash-VStream-7b
-    python -m flash_vstream.bench --output-dir DIR --preset tiny --device cpu     # smoke run (tests)
+    python -m benchmarks.realtime --output-dir DIR                        # 7B-shaped, random bf16 weights
+    python -m benchmarks.realtime --output-dir DIR --model-path ckpt/Flash-VStream-7b
+    python -m benchmarks.realtime --output-dir DIR --preset tiny --device cpu     # smoke run (tests)
 
 Random weights have the real shapes (Vicuna-7B: hidden 4096, 32 layers; CLIP ViT-L/14-224), so the
 FLOPs and bytes are those of the real model; they are built directly on the device in bf16. One
@@ -46,15 +46,15 @@ import numpy as np
 import torch
 import torch._dynamo
 
-from .bench_baselines import full_context, upstream_buffer_copy
-from .constants import IMAGE_TOKEN_INDEX
-from .eval_video.aggregate import write_atomic
-from .model.cuda_utils import free_memory, sync
-from .model.fast_generate import GreedyDecoder, prefix_through_image
-from .model.language_model.configuration_vstream import PATCH_GRID
-from .model.memory import STARMemory
-from .model.multimodal_encoder.fast_encoder import FastVisionEncoder
-from .model.triton_kernels import usable
+from benchmarks.realtime_baselines import full_context, upstream_buffer_copy
+from flash_vstream.constants import IMAGE_TOKEN_INDEX
+from flash_vstream.eval_video.aggregate import write_atomic
+from flash_vstream.runtime.cuda_utils import free_memory, sync
+from flash_vstream.runtime.decoder import GreedyDecoder, prefix_through_image
+from flash_vstream.model.language_model.configuration_vstream import PATCH_GRID
+from flash_vstream.model.memory import STARMemory
+from flash_vstream.runtime.vision import FastVisionEncoder
+from flash_vstream.runtime.triton_kernels import usable
 
 # CLIP ViT-L/14 at 224 px (openai/clip-vit-large-patch14's vision config)
 VIT_L14 = dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
@@ -230,11 +230,11 @@ def environment(device):
 
 
 def build_language_model(b):
-    from .model import VStreamConfig, VStreamLlamaForCausalLM
+    from flash_vstream.model import VStreamConfig, VStreamLlamaForCausalLM
 
     args, notes = b.args, b.report.section("build")["notes"]
     if args.model_path:
-        from .model.builder import load_pretrained_model
+        from flash_vstream.model.builder import load_pretrained_model
 
         tokenizer, model, _, _ = load_pretrained_model(args.model_path, device=str(b.device), torch_dtype=b.dtype,
                                                        attn_implementation="sdpa")
@@ -271,7 +271,7 @@ def build_language_model(b):
 def build_vision(b):
     from transformers import CLIPVisionConfig, CLIPVisionModel
 
-    from .model.multimodal_encoder.clip_encoder import CLIPVisionTower
+    from flash_vstream.model.multimodal_encoder.clip_encoder import CLIPVisionTower
 
     notes = b.report.section("build")["notes"]
     tower = b.model.get_vision_tower() if b.args.model_path else None
@@ -296,8 +296,8 @@ def build_vision(b):
 def prompt_ids(tokenizer, vocab_size, seed=0):
     """(L,) ids of a vicuna_v1 question with one <image>: real with a tokenizer, else random ids of that length."""
     if tokenizer is not None:
-        from .eval_video.inference import build_prompt
-        from .mm_utils import tokenizer_image_token
+        from flash_vstream.eval_video.inference import build_prompt
+        from flash_vstream.mm_utils import tokenizer_image_token
 
         return tokenizer_image_token(build_prompt(QUESTION, "vicuna_v1"), tokenizer, return_tensors="pt")
     length, image_at = SYNTHETIC_PROMPT
@@ -928,7 +928,7 @@ def _ints(text):
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(prog="python -m flash_vstream.bench", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m benchmarks.realtime", description=__doc__.split("\n\n")[0])
     p.add_argument("--output-dir", required=True)
     p.add_argument("--preset", choices=sorted(PRESETS), default="7b", help="model shapes and iteration counts")
     p.add_argument("--model-path", default=None, help="a real checkpoint instead of random weights")

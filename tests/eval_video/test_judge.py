@@ -8,11 +8,11 @@ import sys
 
 import pytest
 
-from fake_openai_server import FakeOpenAIServer, Reply
+from support.fake_openai_server import FakeOpenAIServer, Reply
 from flash_vstream.eval_video import aggregate, judge
 from flash_vstream.eval_video.judge import RetryPolicy, VerdictParseError, parse_verdict
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from support import REPO
 FAST = ["--backoff-base", "0.01", "--max-backoff", "0.05"]
 
 
