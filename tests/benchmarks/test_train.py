@@ -5,9 +5,10 @@ import json
 import subprocess
 import sys
 
-from support import REPO
+import pytest
 
 from benchmarks import train as bench_train
+from support import REPO
 
 
 def test_model_flops_per_token_by_stage():
@@ -16,6 +17,7 @@ def test_model_flops_per_token_by_stage():
     assert bench_train.flops_per_token(2, 10) == 60
 
 
+@pytest.mark.slow  # a long end-to-end run: CI's second step (.ci/run)
 def test_two_process_zero2_then_zero3_on_cpu(tmp_path):
     args = ["--output-dir", str(tmp_path), "--device", "cpu", "--gpus", "2", "--hidden", "64",
             "--intermediate", "128", "--layers", "2", "--heads", "4", "--clip-layers", "2", "--steps", "5",

@@ -89,6 +89,7 @@ def test_attention_takes_token_zero_apart_exactly(n, heads, head_dim, config):
         tk.attention(torch.randn(1, 5, 3 * 2 * 12), 2, 0.3)  # head size 12: not a power of two
 
 
+@pytest.mark.slow  # a long end-to-end run: CI's second step (.ci/run)
 @pytest.mark.parametrize("kv_heads", [4, 2])
 def test_triton_decode_step_equals_generate(kv_heads):
     """The Triton step (what the GPU graph captures by default): `generate`'s tokens, and the model's own

@@ -85,6 +85,7 @@ def test_scripted_cli_gives_the_core_answers(tiny_model_dir, example_mp4, tmp_pa
     assert plot.read_bytes()[:8] == PNG
 
 
+@pytest.mark.slow  # a long end-to-end run: CI's second step (.ci/run)
 def test_long_stream_keeps_memory_state_and_rss_flat(tiny_model_dir, tmp_path):
     qfile = _write_questions(tmp_path / "q.jsonl", [{"time": 1e6, "question": "what is in the video?"}])
     log = tmp_path / "log.jsonl"
