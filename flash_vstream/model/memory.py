@@ -90,21 +90,26 @@ class SemanticAttention(nn.Module):
         module.out_ln.reset_parameters()
         return module
 
-    def forward(self, memory, tokens, update_ratio):
+    def forward(self, memory, tokens, update_ratio, mask=None):
         """M <- (1 - a) M + a softmax(q(M) k(X)^T / sqrt(h), over the new tokens) X.
 
-        memory (m, t, D) and tokens (n, t, D), t tokens per frame (t=1 released; for t>1 each
-        patch position attends on its own). Returns (m, t, D) in the memory's dtype. Calls the
-        projections as modules (ZeRO-3 gathers their weights) in their own dtype, the rest in fp32.
+        memory (..., m, t, D) and tokens (..., n, t, D), t tokens per frame (t=1 released; for t>1
+        each patch position attends on its own); leading dims batch several memories. `mask`
+        (..., n) marks the real tokens of a padded batch (None: all real); a memory with no real
+        token comes out as a finite, meaningless update, for the caller to discard. Returns
+        (..., m, t, D) in the memory's dtype. Calls the projections as modules (ZeRO-3 gathers
+        their weights) in their own dtype, the rest in fp32.
         """
         dtype = self.q_proj.weight.dtype
-        q = self.q_proj(memory.to(dtype)).float()  # (m, t, h)
-        k = self.k_proj(tokens.to(dtype)).float()  # (n, t, h)
-        scores = torch.einsum("mth,nth->tmn", q, k) / math.sqrt(q.shape[-1])  # (t, m, n)
+        q = self.q_proj(memory.to(dtype)).float()  # (..., m, t, h)
+        k = self.k_proj(tokens.to(dtype)).float()  # (..., n, t, h)
+        scores = torch.einsum("...mth,...nth->...tmn", q, k) / math.sqrt(q.shape[-1])  # (..., t, m, n)
+        if mask is not None:  # a finite floor, not -inf: an all-padding row stays NaN-free (and its grads)
+            scores = scores.masked_fill(~mask[..., None, None, :], torch.finfo(scores.dtype).min)
         # softmax over the n new tokens, written out: CPU softmax opens a thread pool even for 25 scores
-        weights = (scores - scores.amax(dim=-1, keepdim=True)).exp()  # (t, m, n)
+        weights = (scores - scores.amax(dim=-1, keepdim=True)).exp()  # (..., t, m, n)
         attention = weights / weights.sum(dim=-1, keepdim=True)
-        read = torch.einsum("tmn,ntd->mtd", attention, tokens.float())  # (m, t, D)
+        read = torch.einsum("...tmn,...ntd->...mtd", attention, tokens.float())  # (..., m, t, D)
         return ((1 - update_ratio) * memory.float() + update_ratio * read).to(memory.dtype)
 
 
@@ -284,11 +289,19 @@ class STARMemory:
     # --- update -------------------------------------------------------------------------------
     def update(self, features, timestamps=None):
         """Add a chunk of frames (n, 256, D) in time order; `timestamps`: n seconds (default frame / fps)."""
+        tokens = self._ingest(features, timestamps)
+        if tokens is not None:
+            self._update_abstract(tokens)
+        return self
+
+    def _ingest(self, features, timestamps):
+        """Everything of `update` that does not depend on trained weights (buffer, spatial, temporal,
+        retrieved); returns the chunk's pooled abstract inputs (fed, P_abs^2, D) fp32, or None."""
         n, tokens, dim = features.shape
         if tokens != PATCH_GRID**2 or dim != self.dim:
             raise ValueError(f"features must be (n, {PATCH_GRID**2}, {self.dim}), got {tuple(features.shape)}")
         if n == 0:
-            return self
+            return None
         if self._buffer is None:
             self._allocate(features)
         device = features.device
@@ -316,14 +329,15 @@ class STARMemory:
         fed = n
         if self.upstream and self._frames_seen == 0:
             fed = n - min(n, self.spatial_frames)  # upstream: offline, the newest frames are spatial memory only
+        abstract_inputs = None
         if fed:
             ones = torch.ones(fed, device=device)
             fed_times = times[:fed]
             self._update_temporal(_Points(keys[:fed], ones, fed_times, fed_times, fed_times))
-            self._update_abstract(pool(features[:fed], self.abstract_pool))  # (fed, P_abs^2, D)
+            abstract_inputs = pool(features[:fed], self.abstract_pool)  # (fed, P_abs^2, D)
         self._frames_seen += n
-        self._retrieve()
-        return self
+        self._retrieve()  # reads the temporal memory and the buffer, never the abstract memory
+        return abstract_inputs
 
     def _write_buffer(self, n, frames, keys, times):
         """Write the last (<= N_buff) of n new frames into the slots they would reach one at a time."""
@@ -437,3 +451,65 @@ class STARMemory:
             return 0
         return (self._abstract.shape[0] * self.abstract_pool**2 + self._temporal.w.shape[0] * self.temporal_pool**2
                 + (self._retrieved.shape[0] + self._spatial.shape[0]) * self.spatial_pool**2)
+
+
+# --- training: one whole clip, the frozen part apart from the trained one --------------------------
+# A training clip is one `update` of an empty memory. Everything in it but the Semantic Attention
+# depends only on the frozen CLIP features, so it can be built outside the autograd step (the data
+# loader's workers); `abstract_memory` then runs the trained part batched over the samples.
+# abstract_memory([frozen_memory(x, config, seed)], attention, config)[0] equals
+# STARMemory(config, attention, seed).update(x).read().
+
+
+def frozen_memory(features, config, seed=0, timestamps=None):
+    """The weight-free part of one clip's memory: one update of an empty `STARMemory` without its abstract step.
+
+    features (T, 256, D) -> dict of
+      tokens           (N_f, D) temporal, retrieved and spatial tokens in readout order, in the features' dtype
+      abstract         (a, P_abs^2, D) fp32, the abstract slots the clip fills before any attention (a <= N_abs)
+      abstract_inputs  (r, P_abs^2, D) fp32, the pooled frames that then update those slots by attention
+    A dict of tensors (not a tuple) so that the data collator and the Trainer move it like any input.
+    """
+    memory = STARMemory(config, seed=seed)
+    inputs = memory._ingest(features, timestamps)
+    if inputs is None:
+        inputs = features.new_zeros(0, config.abstract_pool**2, config.mm_hidden_size, dtype=torch.float32)
+    return {"tokens": memory.read(),  # the abstract memory is still empty: temporal, retrieved, spatial
+            "abstract": inputs[:config.abstract_frames], "abstract_inputs": inputs[config.abstract_frames:]}
+
+
+def abstract_memory(frozen, attention_model, config):
+    """Finish the memories of a batch: the Semantic Attention over all samples at once.
+
+    frozen: list of `frozen_memory` dicts -> list of (N_i, D) memory tokens (abstract, temporal,
+    retrieved, spatial), differentiable w.r.t. `attention_model`. Paper mode attends once over all of
+    a sample's remaining inputs; upstream mode in chunks of N_abs, one after another (as `update`).
+    Samples are padded to a common shape and masked: each chunk step is one batched call.
+    """
+    chunk = config.abstract_frames
+    updated = [i for i, f in enumerate(frozen) if f["abstract_inputs"].shape[0]]  # full slots, more inputs
+    abstract = [f["abstract"] for f in frozen]
+    if updated:
+        rests = [frozen[i]["abstract_inputs"] for i in updated]
+        if config.memory_mode != "upstream":
+            chunk = max(r.shape[0] for r in rests)  # paper: all remaining inputs as one chunk
+        steps = max(-(-r.shape[0] // chunk) for r in rests)  # C chunk steps
+        first = rests[0]
+        x = first.new_zeros(len(rests), steps * chunk, *first.shape[1:])  # (B', C*L, t, D)
+        real = torch.zeros(len(rests), steps * chunk, dtype=torch.bool, device=first.device)  # (B', C*L)
+        for row, r in enumerate(rests):
+            x[row, :r.shape[0]] = r
+            real[row, :r.shape[0]] = True
+        x = x.unflatten(1, (steps, chunk))  # (B', C, L, t, D)
+        real = real.unflatten(1, (steps, chunk))  # (B', C, L)
+        m = torch.stack([abstract[i] for i in updated])  # (B', N_abs, t, D) every such sample has all slots
+        for step in range(steps):
+            new = attention_model(m, x[:, step], config.abstract_update_ratio, mask=real[:, step])
+            m = torch.where(real[:, step].any(dim=1)[:, None, None, None], new, m)  # (B', N_abs, t, D)
+        for row, i in enumerate(updated):
+            abstract[i] = m[row]
+    out = []
+    for f, a in zip(frozen, abstract):
+        tokens = f["tokens"]
+        out.append(torch.cat([a.flatten(0, 1).to(device=tokens.device, dtype=tokens.dtype), tokens]))  # (N_i, D)
+    return out
