@@ -1,0 +1,90 @@
+"""The README quotes measured numbers; these tests hold them to the files they come from.
+
+Each quoted figure must equal its source to the digits printed (one unit of the last printed digit);
+a range `a–b` is the smallest and largest value over the rows it summarises.
+"""
+
+import json
+import os
+import re
+
+import pytest
+
+from support import REPO
+
+README = os.path.join(REPO, "README.md")
+DOCS = os.path.join(REPO, "docs")
+
+
+def _readme():
+    with open(README) as f:
+        return f.read()
+
+
+def _table_row(text, label):
+    """The cells after the label of the README table row that starts with `| label |`."""
+    for line in text.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if line.startswith("|") and cells[0] == label:
+            return cells[1:]
+    raise AssertionError(f"README has no table row {label!r}")
+
+
+def _numbers(cell):
+    """'10.3–10.8 ms' -> [(10.3, 1), (10.8, 1)]: each value with its printed decimals."""
+    found = re.findall(r"\d[\d,]*(?:\.\d+)?", cell)
+    assert found, f"no number in README cell {cell!r}"
+    return [(float(n.replace(",", "")), len(n.split(".")[1]) if "." in n else 0) for n in found]
+
+
+def _agrees(printed, decimals, value):
+    return abs(printed - value) <= 10 ** -decimals
+
+
+def _check(cell, values, scale=1.0):
+    """The cell shows min–max of `values` (times `scale`) to its printed digits, or one number that every
+    value rounds to."""
+    values = [v * scale for v in values]
+    printed = _numbers(cell)
+    assert len(printed) in (1, 2), f"README cell {cell!r}: one number or a range"
+    pairs = zip(printed, (min(values), max(values))) if len(printed) == 2 else ((printed[0], v) for v in values)
+    for (number, decimals), value in pairs:
+        assert _agrees(number, decimals, value), f"README says {cell!r}, the file says {values}"
+
+
+def test_numbers_parse_with_their_digits():
+    assert _numbers("3,150–3,177") == [(3150.0, 0), (3177.0, 0)]
+    assert _agrees(10.3, 1, 10.293) and not _agrees(10.3, 1, 10.45)
+    with pytest.raises(AssertionError):
+        _check("10.3–10.8 ms", [10.29, 11.2])
+
+
+def test_realtime_table_matches_the_benchmark_json():
+    with open(os.path.join(DOCS, "bench_h100.json")) as f:
+        summary = {row["metric"]: row for row in json.load(f)["summary"]}
+    text = _readme()
+
+    def column(suffix, key):
+        return [row[key] for metric, row in summary.items() if metric.startswith("[") and metric.endswith(suffix)]
+
+    fast, stock = _table_row(text, "first token, flat from the stream start to 3 h")
+    _check(fast, column("] question -> first token ms", "optimised"))
+    _check(stock, column("] question -> first token ms", "stock"))
+    fast, stock = _table_row(text, "one frame's encode + memory update + read, p99")
+    _check(fast, column("] ingest p99 ms (encode+update+read)", "optimised"))
+    _check(stock, column("] ingest p99 ms (encode+update+read)", "stock"))
+    fast, stock = _table_row(text, "64-token answer")
+    _check(fast, column("] question -> full answer ms", "optimised"))
+    _check(stock, column("] question -> full answer ms", "stock"), scale=1e-3)  # printed in seconds
+    fast, stock = _table_row(text, "decode tokens/s (target 175)")
+    decode = summary["decode tokens/s, batch 1"]
+    best = max(row["optimised"] for metric, row in summary.items() if metric.startswith("  decode-only tokens/s"))
+    _check(fast, [best])
+    _check(stock, [decode["stock"]])
+    fast, stock = _table_row(text, "batched CLIP extraction, frames/s (target 3,000)")
+    extraction = [row for metric, row in summary.items() if metric.startswith("extraction frames/s")]
+    _check(fast, [row["optimised"] for row in extraction])
+    _check(stock, [row["stock"] for row in extraction])
+    fast, stock = _table_row(text, "peak memory")
+    _check(fast, column("] peak GPU memory GB", "optimised"))
+    _check(stock, column("] peak GPU memory GB", "stock"))
