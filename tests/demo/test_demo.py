@@ -80,3 +80,25 @@ def test_majority_baseline_is_the_most_frequent_training_answer(tmp_path):
     json.dump(test, open(paths["test_qa"], "w"))
     assert run_demo.majority_baseline(paths) == {"spatial": 50.0, "all": 50.0}
     assert set(synthetic.FAMILIES) >= {"spatial", "start"}
+
+
+def test_two_runs_of_the_same_preset_give_identical_results(demo, tmp_path):
+    """The demo is reproducible: a second run from nothing trains the same weights, answers the same and prints
+    the same table (only the wall-clock times differ)."""
+    out, stdout = demo
+    again = tmp_path / "again"
+    result = subprocess.run([sys.executable, "-m", "flash_vstream.demo.run_demo", "--output", str(again),
+                             "--preset", "quick", "--device", "cpu"], cwd=REPO, capture_output=True, text=True,
+                            timeout=600, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    first, second = run_demo.demo_paths(str(out)), run_demo.demo_paths(str(again))
+    assert json.load(open(first["results"]))["accuracy"] == json.load(open(second["results"]))["accuracy"]
+    for name in ("model.safetensors",):
+        with open(os.path.join(first["stage2"], name), "rb") as a, open(os.path.join(second["stage2"], name), "rb") as b:
+            assert a.read() == b.read(), f"stage 2 {name} differs between two runs"
+
+    def answers(paths):
+        return [(line["id"], line["pred"]) for line in map(json.loads, open(os.path.join(paths["eval"], "full",
+                                                                                          "pred.jsonl")))]
+
+    assert answers(first) == answers(second)
