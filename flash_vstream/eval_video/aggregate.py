@@ -1,4 +1,4 @@
-"""Prediction files in, results out: the part the judge and the no-judge metrics share.
+"""Prediction files in, results out: the scoring and tables the judge and the no-judge metrics share.
 
 A prediction file is JSONL, one item per line: `{id, question, answer, answer_type, pred, ...}`,
 or `{id, ..., error}` without `pred` when inference failed for that item. Items are keyed by id;
@@ -10,8 +10,8 @@ The denominator is honest: every item is counted in `total` and lands in exactly
 `judged` (has a verdict), `failed` (no verdict: the judge gave up or never got to it) and
 `missing` (no prediction: inference recorded an error, or the item is absent from the
 prediction file when a QA file is given). Accuracy and score are over judged items.
-Upstream counted accuracy by substring, truncated scores and dropped unjudged items from the
-denominator (UPSTREAM.md §4.1); none of that happens here.
+The published scorer counted accuracy by substring, truncated scores and dropped unjudged items
+from the denominator; none of that happens here.
 
 Across datasets (scripts/eval.sh):
     python -m flash_vstream.eval_video.aggregate --results-dirs D1 D2 ... [--names N1 N2 ...]
@@ -19,57 +19,20 @@ Across datasets (scripts/eval.sh):
 
 import argparse
 import csv
-import hashlib
 import io
 import json
 import os
 import re
 import sys
 
+from flash_vstream.utils.files import read_jsonl, write_atomic, write_json
+
 COUNTS = ("total", "judged", "failed", "missing", "yes", "no")
 CSV_COLUMNS = ("level", "group", "accuracy", "score") + COUNTS
 NEXT_TYPE = re.compile(r"^[CTD][A-Z]$")  # NExT-QA: CW CH TN TC TP DL DC DO ...
 
 
-# ---------------------------------------------------------------- JSONL files
-
-def read_jsonl(path):
-    """(records, bad) for a JSONL file: parsed object lines, and the 1-based numbers of lines
-    that are not a JSON object (e.g. the truncated last line of a killed run)."""
-    records, bad = [], []
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError:
-                bad.append(n)
-                continue
-            if isinstance(rec, dict):
-                records.append(rec)
-            else:
-                bad.append(n)
-    return records, bad
-
-
-def append_line(f, line):
-    """Append one whole line to an open text file and force it to disk, so a killed process
-    leaves at most one truncated last line behind."""
-    f.write(line.rstrip("\n") + "\n")
-    f.flush()
-    os.fsync(f.fileno())
-
-
-def write_atomic(path, text):
-    """Replace `path` with `text` in one rename: readers see the old or the new file, never half."""
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
+# ---------------------------------------------------------------- tables
 
 def csv_text(header, rows):
     buf = io.StringIO()
@@ -77,20 +40,6 @@ def csv_text(header, rows):
     w.writerow(header)
     w.writerows(rows)
     return buf.getvalue()
-
-
-def file_sha256(path):
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
-def record_hash(record):
-    """Content hash of one prediction record; a stored verdict is reused only for the same hash."""
-    text = json.dumps(record, sort_keys=True, ensure_ascii=False)
-    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
 
 
 # ---------------------------------------------------------------- predictions
@@ -250,7 +199,7 @@ def format_table(result):
 def write_results(result, output_dir):
     """DIR/results.json and DIR/results.csv (one row for all, each type, each type prefix)."""
     os.makedirs(output_dir, exist_ok=True)
-    write_atomic(os.path.join(output_dir, "results.json"), json.dumps(result, indent=2, ensure_ascii=False) + "\n")
+    write_json(os.path.join(output_dir, "results.json"), result)
     rows = [[level, name, *(("" if g[c] is None else g[c]) for c in CSV_COLUMNS[2:])]
             for level, name, g in _rows(result)]
     write_atomic(os.path.join(output_dir, "results.csv"), csv_text(CSV_COLUMNS, rows))
@@ -310,7 +259,7 @@ def main(argv=None):
         if args.output.endswith(".csv"):
             write_atomic(args.output, csv_text(("dataset",) + keys, [list(t.values()) for t in table]))
         else:
-            write_atomic(args.output, json.dumps(table, indent=2) + "\n")
+            write_json(args.output, table)
     absent = [n for n, r in rows if r is None]
     if absent:
         print(f"no results.json for: {', '.join(absent)}", file=sys.stderr)

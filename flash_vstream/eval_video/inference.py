@@ -23,7 +23,7 @@ file or in --resume-from files. Error lines are retried. A truncated last line (
 dropped. Lines of another identity are never mixed in: the old file is moved aside
 (--on-mismatch fresh, default) or the run stops with exit code 3 (refuse).
 
-Differences from the published driver (UPSTREAM.md §4.1), each deliberate:
+Differences from the published driver, each deliberate:
 - greedy decoding (upstream sampled at temperature 0.002 with the checkpoint's top_p 0.6);
 - a failed feature load is an error line for that item (upstream answered from a random other
   video);
@@ -34,12 +34,12 @@ Differences from the published driver (UPSTREAM.md §4.1), each deliberate:
 import argparse
 import hashlib
 import json
-import math
 import os
 import sys
-import time
 
-from flash_vstream.eval_video.aggregate import append_line, assign_keys, read_jsonl, write_atomic
+from flash_vstream.eval_video.aggregate import assign_keys
+from flash_vstream.utils.files import ResumableJsonl, StaleFile
+from flash_vstream.utils.sharding import shard
 
 EXIT_ITEM_ERRORS = 2   # --fail-on-error and some items could not be answered
 EXIT_REFUSED = 3       # the output holds another run's lines and --on-mismatch refuse
@@ -49,7 +49,7 @@ def _log(msg):
     print(msg, file=sys.stderr, flush=True)
 
 
-# ---------------------------------------------------------------- QA items and shards
+# ---------------------------------------------------------------- QA items
 
 def load_qa(path):
     """The list of QA items of a test_qa.json file, checked for the keys the driver needs."""
@@ -62,14 +62,6 @@ def load_qa(path):
         if missing:
             raise ValueError(f"{path}: item {n} has no {missing}")
     return items
-
-
-def shard(items, num_chunks, chunk_idx):
-    """Contiguous chunk `chunk_idx` of `num_chunks`, each ceil(len / num_chunks) long (upstream's split)."""
-    if not 0 <= chunk_idx < num_chunks:
-        raise ValueError(f"chunk index {chunk_idx} is outside 0..{num_chunks - 1}")
-    size = math.ceil(len(items) / num_chunks)
-    return items[chunk_idx * size:(chunk_idx + 1) * size]
 
 
 # ---------------------------------------------------------------- run identity
@@ -114,28 +106,12 @@ def run_identity(args):
 
 # ---------------------------------------------------------------- prediction files
 
-class StalePredictions(RuntimeError):
-    pass
-
-
 def record_key(rec):
     return str(rec.get("key", rec.get("id")))
 
 
 def is_answer(rec):
     return isinstance(rec.get("pred"), str) and not rec.get("error")
-
-
-def set_aside(path):
-    """Rename `path` to `path.stale-<time>` (kept for inspection, no longer read)."""
-    aside = f"{path}.stale-{time.strftime('%Y%m%d-%H%M%S')}"
-    os.replace(path, aside)
-    return aside
-
-
-def foreign_lines(records, fingerprint):
-    """Lines of a run with another identity (or of no known run at all)."""
-    return [r for r in records if r.get("fingerprint") != fingerprint]
 
 
 def _difference(rec, identity):
@@ -150,64 +126,17 @@ def _difference(rec, identity):
     return "generation " + ", ".join(changed) if changed else "another fingerprint"
 
 
-def describe_foreign(path, foreign, identity):
-    r = foreign[0]
-    return (f"{path}: {len(foreign)} line(s) come from another model or generation setup "
-            f"(first: id {r.get('id')!r}: {_difference(r, identity)})")
+def predictions_store(path, identity, on_mismatch="fresh", log=_log):
+    """The resumable prediction file of this run identity: a line with `pred` is finished (an
+    error line is tried again); a line of another identity (or of no known run) is foreign."""
 
+    def foreign(rec):
+        if rec.get("fingerprint") == identity["fingerprint"]:
+            return None
+        return f"id {rec.get('id')!r}: {_difference(rec, identity)}"
 
-def check_foreign(path, identity, on_mismatch, log=_log):
-    """Make sure `path` holds no lines of another run: move it aside ("fresh") or raise ("refuse")."""
-    if not os.path.exists(path):
-        return
-    records, _ = read_jsonl(path)
-    foreign = foreign_lines(records, identity["fingerprint"])
-    if not foreign:
-        return
-    why = describe_foreign(path, foreign, identity)
-    if on_mismatch == "refuse":
-        raise StalePredictions(f"{why}; move it away or pass --on-mismatch fresh")
-    log(f"{why}; moved it to {set_aside(path)} and starting afresh")
-
-
-def load_done(path, identity, on_mismatch="fresh", log=_log):
-    """key -> answered line already in `path`, after making the file safe to append to.
-
-    The file is rewritten (atomically) without unreadable lines, error lines (they are tried
-    again) and repeated keys, and always ends with a newline.
-    """
-    check_foreign(path, identity, on_mismatch, log)
-    if not os.path.exists(path):
-        return {}
-    records, bad = read_jsonl(path)
-    done = {}
-    for r in records:
-        if is_answer(r):
-            done.setdefault(record_key(r), r)
-    if bad or len(done) != len(records) or not _ends_with_newline(path):
-        write_atomic(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in done.values()))
-        log(f"{path}: kept {len(done)} answer(s); dropped {len(bad)} unreadable line(s) and "
-            f"{len(records) - len(done)} error or repeated line(s), which are tried again")
-    return done
-
-
-def _ends_with_newline(path):
-    """True for an empty file or one whose last byte is a newline (else the next append would glue on)."""
-    with open(path, "rb") as f:
-        if f.seek(0, os.SEEK_END) == 0:
-            return True
-        f.seek(-1, os.SEEK_END)
-        return f.read(1) == b"\n"
-
-
-def answered_keys(paths, fingerprint):
-    """Keys answered by this run identity in other files (read only, tolerant of a half-written line)."""
-    keys = set()
-    for path in paths:
-        if os.path.exists(path):
-            records, _ = read_jsonl(path)
-            keys.update(record_key(r) for r in records if r.get("fingerprint") == fingerprint and is_answer(r))
-    return keys
+    return ResumableJsonl(path, key=record_key, is_done=is_answer, foreign=foreign,
+                          another_run="another model or generation setup", on_mismatch=on_mismatch, log=log)
 
 
 # ---------------------------------------------------------------- inputs
@@ -376,7 +305,7 @@ def choose_option(model, tokenizer, prompt, feature, options):
 
 # ---------------------------------------------------------------- the run
 
-def answer_items(items, model, tokenizer, load_input, out_file, identity, args):
+def answer_items(items, model, tokenizer, load_input, store, identity, args):
     """Answer keyed `items` [(key, qa item)] in batches; append one line each. Returns the error count."""
     from tqdm import tqdm
 
@@ -387,7 +316,7 @@ def answer_items(items, model, tokenizer, load_input, out_file, identity, args):
     errors = 0
     progress = tqdm(total=len(items), desc=f"chunk {args.chunk_idx}/{args.num_chunks}", unit="q", file=sys.stderr,
                     dynamic_ncols=True, mininterval=0.1 if sys.stderr.isatty() else 10)  # a log file: few updates
-    with open(out_file, "a", encoding="utf-8") as f:
+    with store.appender() as append:
         for start in range(0, len(items), args.batch_size):
             batch, lines = items[start:start + args.batch_size], {}
             ready = []  # (key, item, features, prompt)
@@ -418,7 +347,7 @@ def answer_items(items, model, tokenizer, load_input, out_file, identity, args):
                 if "error" in line:
                     errors += 1
                     progress.write(f"item {line['id']!r}: {line['error']}", file=sys.stderr)
-                append_line(f, json.dumps(line, ensure_ascii=False))
+                append(line)
             progress.update(len(batch))
     progress.close()
     return errors
@@ -490,9 +419,9 @@ def run(args, log=_log):
     keyed = shard(assign_keys(load_qa(args.qa_file)), args.num_chunks, args.chunk_idx)
     identity = run_identity(args)
     os.makedirs(os.path.dirname(os.path.abspath(args.output_file)), exist_ok=True)
-    done = set(load_done(args.output_file, identity, args.on_mismatch, log))
-    done |= answered_keys([p for p in args.resume_from if os.path.abspath(p) != os.path.abspath(args.output_file)],
-                          identity["fingerprint"])
+    store = predictions_store(args.output_file, identity, args.on_mismatch, log)
+    done = set(store.load())
+    done |= store.done_keys_in([p for p in args.resume_from if os.path.abspath(p) != os.path.abspath(args.output_file)])
     pending = [(key, item) for key, item in keyed if key not in done]
     summary = {"total": len(keyed), "done": len(keyed) - len(pending), "answered": 0, "errors": 0,
                "output_file": args.output_file}
@@ -505,7 +434,7 @@ def run(args, log=_log):
         tokenizer, model, image_processor = load_model(args)
         load_input = InputLoader(model, args.video_dir, image_processor, args.raw_video, args.fps,
                                  last_frames=args.last_frames)
-        summary["errors"] = answer_items(pending, model, tokenizer, load_input, args.output_file, identity, args)
+        summary["errors"] = answer_items(pending, model, tokenizer, load_input, store, identity, args)
         summary["answered"] = len(pending) - summary["errors"]
     return summary
 
@@ -514,7 +443,7 @@ def main(argv=None):
     args = parse_args(argv)
     try:
         s = run(args)
-    except StalePredictions as exc:
+    except StaleFile as exc:
         _log(str(exc))
         return EXIT_REFUSED
     left = s["total"] - s["done"] - s["answered"] - s["errors"]

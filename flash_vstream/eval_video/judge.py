@@ -10,7 +10,7 @@ score, raw, error, attempts, judge_model, protocol, pred_hash, prediction, time}
 judges only keys without an "ok" line, so a killed run resumes where it stopped. Then
 DIR/results.json, DIR/results.csv and a table come from `aggregate.report`.
 
-Differences from the published script (UPSTREAM.md §4.1), each deliberate:
+Differences from the published script, each deliberate:
 - openai >= 1 client with a pinned model instead of the legacy module and "gpt-3.5-turbo";
 - temperature 0 (upstream 0.002, the lowest its API then allowed);
 - the prompt's example score is an integer (upstream showed 4.8 and then truncated with int());
@@ -22,6 +22,7 @@ The API key is never printed or written: every line and message passes through a
 
 import argparse
 import ast
+import hashlib
 import json
 import math
 import os
@@ -34,9 +35,8 @@ from dataclasses import dataclass
 
 import openai
 
-from flash_vstream.eval_video.aggregate import (
-    append_line, file_sha256, is_missing, load_predictions, read_jsonl, record_hash, report, write_atomic,
-)
+from flash_vstream.eval_video.aggregate import is_missing, load_predictions, report
+from flash_vstream.utils.files import ResumableJsonl, StaleFile, file_sha256
 
 DEFAULT_JUDGE_MODEL = "gpt-3.5-turbo-0125"
 PROTOCOL = "video-chatgpt-v1"  # bump when the prompt or the parsing changes meaning
@@ -233,8 +233,10 @@ def judge_item(client, judge_model, record, policy=RetryPolicy(), sleep=time.sle
 
 # ---------------------------------------------------------------- the judgements file
 
-class StaleJudgements(RuntimeError):
-    pass
+def record_hash(record):
+    """Content hash of one prediction record; a stored verdict is reused only for the same hash."""
+    text = json.dumps(record, sort_keys=True, ensure_ascii=False)
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
 
 
 def _valid(rec):
@@ -243,43 +245,24 @@ def _valid(rec):
     return rec["status"] == "failed" or (rec.get("verdict") in ("yes", "no") and rec.get("score") in range(6))
 
 
-def load_judgements(path, items, judge_model, on_mismatch="fresh", log=print):
-    """key -> "ok" record already in `path` for these items and this judge.
+def judgements_store(path, items, judge_model, on_mismatch="fresh", log=print):
+    """The resumable judgements file of this judge on these prediction items.
 
-    The file is compacted to those records (dropping a truncated last line, earlier failures,
-    which are judged again, and duplicates). If it holds a verdict from another judge model or
-    protocol, or on a prediction that is not in `items` as it is now, the file belongs to
-    another run: with on_mismatch="fresh" it is renamed aside and judging starts over, with
-    "refuse" StaleJudgements is raised.
+    An "ok" verdict is finished; failures are judged again. A verdict from another judge model
+    or protocol, or on a prediction that is not in `items` as it is now, belongs to another run.
     """
-    if not os.path.exists(path):
-        return {}
-    records, bad = read_jsonl(path)
     hashes = {key: record_hash(rec) for key, rec in items}
-    stale = [r for r in records if _valid(r) and (
-        r.get("judge_model") != judge_model or r.get("protocol") != PROTOCOL
-        or hashes.get(r["key"]) != r.get("pred_hash"))]
-    if stale:
-        r = stale[0]
-        why = (f"{len(stale)} record(s) are not verdicts of judge '{judge_model}' ({PROTOCOL}) on the "
-               f"current prediction file (first: key {r['key']!r}, judge '{r.get('judge_model')}')")
-        if on_mismatch == "refuse":
-            raise StaleJudgements(f"{path}: {why}; move it away or pass --on-mismatch fresh")
-        aside = f"{path}.stale-{time.strftime('%Y%m%d-%H%M%S')}"
-        os.replace(path, aside)
-        log(f"{path}: {why}; moved it to {aside} and starting a fresh file")
-        return {}
-    done = {}
-    for r in records:
-        if _valid(r) and r["status"] == "ok":
-            done.setdefault(r["key"], r)
-    dropped = len(records) + len(bad) - len(done)
-    if dropped:
-        write_atomic(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in done.values()))
-        log(f"{path}: kept {len(done)} verdict(s); dropped {len(bad)} unreadable line(s) and "
-            f"{dropped - len(bad)} failed, invalid or duplicate record(s); keys without a verdict "
-            f"are judged again")
-    return done
+
+    def foreign(rec):
+        if not _valid(rec) or (rec.get("judge_model") == judge_model and rec.get("protocol") == PROTOCOL
+                               and hashes.get(rec["key"]) == rec.get("pred_hash")):
+            return None
+        return f"key {rec['key']!r}, judge '{rec.get('judge_model')}'"
+
+    return ResumableJsonl(path, key=lambda rec: rec["key"], is_done=lambda rec: _valid(rec) and rec["status"] == "ok",
+                          foreign=foreign, on_mismatch=on_mismatch, log=log,
+                          another_run=f"another run (not verdicts of judge '{judge_model}' ({PROTOCOL}) "
+                                      f"on the current prediction file)")
 
 
 # ---------------------------------------------------------------- the run
@@ -324,14 +307,15 @@ def run_judge(pred_file, output_dir, client, judge_model=DEFAULT_JUDGE_MODEL, nu
     os.makedirs(output_dir, exist_ok=True)
     path = os.path.join(output_dir, JUDGEMENTS)
     items = load_predictions(pred_file, qa_file, log=log)
-    done = load_judgements(path, items, judge_model, on_mismatch, log=log)
+    store = judgements_store(path, items, judge_model, on_mismatch, log=log)
+    done = store.load()
     pending = [(key, rec) for key, rec in items if not is_missing(rec) and key not in done]
     log(f"judge '{judge_model}': {len(items)} items, {len(done)} already judged, {len(pending)} to judge")
 
     if pending:
         pool = ThreadPoolExecutor(max_workers=max(1, num_workers))
         try:
-            with open(path, "a", encoding="utf-8") as f:
+            with store.appender() as append:
                 futures = {pool.submit(judge_item, client, judge_model, rec, policy): (key, rec)
                            for key, rec in pending}
                 for n, fut in enumerate(as_completed(futures), 1):
@@ -339,7 +323,7 @@ def run_judge(pred_file, output_dir, client, judge_model=DEFAULT_JUDGE_MODEL, nu
                     line = {"key": key, "id": rec.get("id"), "answer_type": rec.get("answer_type"),
                             **fut.result(), "judge_model": judge_model, "protocol": PROTOCOL,
                             "pred_hash": record_hash(rec), "prediction": rec, "time": round(time.time(), 3)}
-                    append_line(f, redact(json.dumps(line, ensure_ascii=False)))
+                    append(redact(json.dumps(line, ensure_ascii=False)))
                     if line["status"] == "ok":
                         done[key] = line
                     else:
@@ -390,7 +374,7 @@ def main(argv=None):
         result = run_judge(args.pred_file, args.output_dir, client, args.judge_model, args.num_workers,
                            RetryPolicy(args.max_retries, args.backoff_base, args.max_backoff),
                            args.on_mismatch, args.qa_file)
-    except StaleJudgements as exc:
+    except StaleFile as exc:
         print(redactor(secret)(str(exc)), file=sys.stderr)
         return EXIT_REFUSED
     except (ValueError, OSError, openai.OpenAIError) as exc:

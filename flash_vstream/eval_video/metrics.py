@@ -14,14 +14,14 @@ writes DIR/results.json and DIR/results.csv in the judge's shape (`judge_model` 
 """
 
 import argparse
-import json
 import os
 import re
 import sys
 
 import torch
 
-from flash_vstream.eval_video.aggregate import is_missing, load_predictions, report, write_atomic
+from flash_vstream.eval_video.aggregate import is_missing, load_predictions, report
+from flash_vstream.utils.files import write_jsonl
 
 # ---------------------------------------------------------------- short answers
 
@@ -195,8 +195,7 @@ def evaluate(pred_file, output_dir, mode="exact", qa_file=None, out=None):
     os.makedirs(output_dir, exist_ok=True)
     lines = [{"key": k, "id": r.get("id"), "answer_type": r.get("answer_type"), **verdicts[k]}
              for k, r in items if k in verdicts]
-    write_atomic(os.path.join(output_dir, f"{mode}.jsonl"),
-                 "".join(json.dumps(line, ensure_ascii=False) + "\n" for line in lines))
+    write_jsonl(os.path.join(output_dir, f"{mode}.jsonl"), lines)
     return report(items, verdicts, name, output_dir,
                   extra={"pred_file": os.path.abspath(pred_file)}, out=out)
 

@@ -25,17 +25,17 @@ files are absent and --skip-absent.
 
 import argparse
 import glob
-import json
 import os
 import subprocess
 import sys
 import time
 
 from flash_vstream.eval_video import inference
-from flash_vstream.eval_video.aggregate import assign_keys, read_jsonl, write_atomic
+from flash_vstream.eval_video.aggregate import assign_keys
+from flash_vstream.utils.files import StaleFile, read_jsonl, write_jsonl
 
 # --dataset -> (folder under <data root>/eval_video, feature folder, QA file): the published
-# code's paths (UPSTREAM.md §4.2; its README tree shows other names for the VStream sets).
+# code's paths (its README tree shows other names for the VStream sets).
 DATASETS = {
     "actnet": ("ActivityNet-QA", "video_features", "test_qa.json"),
     "nextoe": ("nextoe", "video_features", "test_qa.json"),
@@ -101,7 +101,7 @@ def merge_predictions(qa_file, files, fingerprint, pred_file, log=_log):
     if unknown:
         log(f"merge: ignored {len(unknown)} key(s) that are not in {qa_file}")
     lines = [answers.get(k) or errors.get(k) for k in keys]
-    write_atomic(pred_file, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in lines if r))
+    write_jsonl(pred_file, [r for r in lines if r])
     counts = {"total": len(keys), "answered": sum(k in answers for k in keys)}
     counts["errors"] = sum(k in errors and k not in answers for k in keys)
     counts["missing"] = counts["total"] - counts["answered"] - counts["errors"]
@@ -235,7 +235,7 @@ def run_inference(base_argv, qa_file, out, identity, gpus, num_chunks, in_proces
     os.makedirs(log_dir, exist_ok=True)
     logs = [os.path.join(log_dir, f"{num_chunks}_{i}.log") for i in range(num_chunks)]
     total = len(inference.load_qa(qa_file))
-    done = len(inference.answered_keys(earlier, identity["fingerprint"]))
+    done = len(inference.predictions_store(os.path.join(out, "pred.jsonl"), identity).done_keys_in(earlier))
     failed = run_processes(argvs, gpus, logs, outputs, total, min(done, total))
     for i, rc in failed:
         _log(f"chunk {i} exited with code {rc}; last lines of {logs[i]}:\n{_tail(logs[i])}")
@@ -270,8 +270,8 @@ def main(argv=None):
 
     try:  # before anything runs: no line of another run may be resumed from or merged
         for path in [pred_file] + sorted(glob.glob(os.path.join(out, "shards", "*.jsonl"))):
-            inference.check_foreign(path, identity, args.on_mismatch)
-    except inference.StalePredictions as exc:
+            inference.predictions_store(path, identity, args.on_mismatch).check()
+    except StaleFile as exc:
         _log(str(exc))
         return inference.EXIT_REFUSED
     _log(f"{args.dataset or qa_file}: model {identity['model']} (fingerprint {identity['fingerprint']}), "

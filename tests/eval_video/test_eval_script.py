@@ -7,7 +7,7 @@ import sys
 
 from support.fake_openai_server import FakeOpenAIServer, Reply
 from flash_vstream.eval_video import inference, run_eval
-from flash_vstream.eval_video.aggregate import read_jsonl
+from flash_vstream.utils.files import read_jsonl
 
 from support import REPO
 EVAL_SH = os.path.join(REPO, "scripts", "eval.sh")

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from flash_vstream.eval_video import inference, run_eval
-from flash_vstream.eval_video.aggregate import read_jsonl
+from flash_vstream.utils.files import read_jsonl
 
 REQUIRED = {"id", "question", "answer", "answer_type", "pred", "model", "generation", "memory_tokens", "frames"}
 
@@ -27,11 +27,13 @@ def preds(path):
     return {r["id"]: r.get("pred") for r in lines(path)}
 
 
-def test_shards_are_contiguous_ceil_split():
+def test_shards_are_contiguous_and_balanced():
+    # the one sharding rule (flash_vstream.utils.sharding), shared with feature extraction;
+    # it replaced this driver's ceil split ([[0, 1, 2], [3, 4, 5], [6, 7, 8], [9]] here)
     items = list(range(10))
     chunks = [inference.shard(items, 4, i) for i in range(4)]
-    assert chunks == [[0, 1, 2], [3, 4, 5], [6, 7, 8], [9]]
-    assert [inference.shard(items[:2], 3, i) for i in range(3)] == [[0], [1], []]
+    assert chunks == [[0, 1], [2, 3, 4], [5, 6], [7, 8, 9]]
+    assert [inference.shard(items[:2], 3, i) for i in range(3)] == [[], [0], [1]]
 
 
 def test_one_line_per_id_with_required_keys(tiny_model_dir, make_qa_tree, tmp_path, capsys):
@@ -142,7 +144,7 @@ def test_two_shards_merged_equal_one_run(tiny_model_dir, make_qa_tree, tmp_path)
     shards = [tmp_path / f"2_{i}.jsonl" for i in range(2)]
     for i, path in enumerate(shards):
         infer(tiny_model_dir, qa_file, video_dir, path, "--num-chunks", 2, "--chunk-idx", i)
-    assert [r["id"] for r in lines(shards[0])] == [it["id"] for it in items[:3]]  # contiguous, ceil(5/2)
+    assert [r["id"] for r in lines(shards[0])] == [it["id"] for it in items[:2]]  # contiguous, 5 * 1 // 2
     merged = tmp_path / "merged.jsonl"
     fingerprint = lines(one)[0]["fingerprint"]
     counts = run_eval.merge_predictions(qa_file, [str(p) for p in shards], fingerprint, str(merged))
