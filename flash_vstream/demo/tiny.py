@@ -12,12 +12,17 @@ import torch
 from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModel
 
 
+def tiny_clip_config(hidden_size=32, num_layers=2, num_heads=2, image_size=32):
+    """A small CLIP vision config that keeps the real 16x16 patch grid."""
+    return CLIPVisionConfig(
+        hidden_size=hidden_size, intermediate_size=hidden_size * 2, num_hidden_layers=num_layers,
+        num_attention_heads=num_heads, image_size=image_size, patch_size=image_size // 16,
+        projection_dim=hidden_size)
+
+
 def build_tiny_clip(output_dir, hidden_size=32, num_layers=2, num_heads=2, image_size=32, seed=0):
     """Write a randomly initialised CLIP vision tower (16x16 patches) and its processor."""
-    patch = image_size // 16
-    config = CLIPVisionConfig(
-        hidden_size=hidden_size, intermediate_size=hidden_size * 2, num_hidden_layers=num_layers,
-        num_attention_heads=num_heads, image_size=image_size, patch_size=patch, projection_dim=hidden_size)
+    config = tiny_clip_config(hidden_size, num_layers, num_heads, image_size)
     torch.manual_seed(seed)
     model = CLIPVisionModel(config)
     model.save_pretrained(output_dir)

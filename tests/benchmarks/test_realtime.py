@@ -6,7 +6,7 @@ import subprocess
 
 import pytest
 
-from benchmarks import realtime as bench
+from benchmarks.realtime import __main__ as bench
 from support import REPO
 
 
@@ -90,3 +90,46 @@ def test_watchdog_ends_a_run_that_overstays(tmp_path):
     assert result.returncode != 0
     assert "Timeout" in result.stderr and "Thread" in result.stderr
     assert time.time() - started < 100
+
+
+def test_plot_leaves_pyplot_alone(tmp_path):
+    """bench.png is drawn on a figure of its own (Agg canvas): pyplot and the process's backend untouched."""
+    import sys
+
+    position = {"position_frames": 60, "ingest_ms": {"optimised": {"p99": 3.0}, "stock": {"p99": 30.0}},
+                "ttft_ms": {"optimised": {"p50": 10.0}, "stock": {"p50": 40.0}},
+                "answer_ms": {"optimised": {"p50": 300.0}}, "peak_mem_gb": {"optimised": 14.0}}
+    (tmp_path / "bench.json").write_text(json.dumps(
+        {"meta": {"device": "test"}, "targets": {}, "summary": [],
+         "sections": {"streaming": {"fps": 1.0, "positions": [position, {**position, "position_frames": 600}]}}}))
+    code = ("import sys; from benchmarks.realtime.report import Report, plot; "
+            "plot(Report.load(sys.argv[1]), sys.argv[1] + '/bench.png'); "
+            "assert 'matplotlib.pyplot' not in sys.modules, 'pyplot imported'")
+    result = subprocess.run([sys.executable, "-c", code, str(tmp_path)], capture_output=True, text=True,
+                            timeout=60, cwd=REPO)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert (tmp_path / "bench.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_sections_leave_the_collector_alone(tmp_path):
+    """gc.freeze() is the entry point's (process-wide): a Bench without freeze_heap freezes nothing."""
+    import gc
+    import time
+
+    import torch
+
+    from benchmarks.realtime.build import PRESETS, Bench, build
+    from benchmarks.realtime.report import Report
+    from benchmarks.realtime.sections import run_section
+
+    args = bench.parse_args(["--output-dir", str(tmp_path), "--preset", "tiny", "--device", "cpu",
+                             "--positions", "3", "--window", "1", "--answer-tokens", "2"])
+    b = Bench(args=args, preset=PRESETS["tiny"], device=torch.device("cpu"), dtype=torch.float32,
+              report=Report(str(tmp_path)), deadline=time.perf_counter() + 120)
+    build(b)
+    frozen = gc.get_freeze_count()
+    run_section(b, "streaming")
+    streaming = b.report.data["sections"]["streaming"]
+    assert streaming["status"] == "ok", streaming.get("error")
+    assert gc.get_freeze_count() == frozen
+    assert all("gc_full_collection_ms" not in p for p in streaming["positions"])

@@ -1,4 +1,4 @@
-"""The two baselines `benchmarks.realtime` measures beside the STAR-memory path.
+"""The two baselines the realtime benchmark measures beside the STAR-memory path.
 
 (a) Full context: no memory at all -- every frame's 8x8 pooled tokens (64 per frame) go to the LLM,
     so the prompt grows with the stream. We time the prefill (question -> first token, stock
@@ -16,8 +16,10 @@ import time
 
 import torch
 
+from benchmarks import common
+from benchmarks.common import peak_gb, reset_peak, timed_ms
 from flash_vstream.constants import IMAGE_TOKEN_INDEX
-from flash_vstream.runtime.cuda_utils import free_memory, sync
+from flash_vstream.runtime.cuda_utils import free_memory
 
 
 def _is_oom(error):
@@ -43,7 +45,7 @@ def _full_context_prefill(model, prompt_ids, frame_tokens):
 
 
 def full_context(model, prompt_ids, frame_counts, tokens_per_frame, max_tokens, repeats=2, deadline=None,
-                 log=print):
+                 log=common.log):
     """Prefill time and peak memory of the full-context baseline at each frame count (ascending).
 
     Stops at the first size that runs out of memory; sizes over `max_tokens` are not tried. Returns
@@ -78,21 +80,16 @@ def full_context(model, prompt_ids, frame_counts, tokens_per_frame, max_tokens, 
             if last is None:  # warm-up once, at a small size
                 _full_context_prefill(model, prompt_ids, frame_tokens[: min(tokens, 4096)])
                 free_memory(device)
-            if device.type == "cuda":
-                torch.cuda.reset_peak_memory_stats(device)
+            reset_peak(device)
             for _ in range(reps):
-                sync(device)
-                start = time.perf_counter()
-                _full_context_prefill(model, prompt_ids, frame_tokens)
-                sync(device)
-                times.append(time.perf_counter() - start)
+                times.append(timed_ms(device, _full_context_prefill, model, prompt_ids, frame_tokens)[0])
                 free_memory(device)
             row["status"] = "ok"
-            row["ttft_ms"] = round(1e3 * sorted(times)[len(times) // 2], 3)
+            row["ttft_ms"] = round(sorted(times)[len(times) // 2], 3)
             row["repeats"] = reps
             if device.type == "cuda":
-                row["peak_mem_gb"] = round(torch.cuda.max_memory_allocated(device) / 1e9, 3)
-            fits, last = frames, (tokens, max(times))
+                row["peak_mem_gb"] = peak_gb(device)
+            fits, last = frames, (tokens, max(times) / 1e3)
             log(f"  full context {frames:>6} frames ({tokens:>7} tokens): {row['ttft_ms']:.1f} ms")
         except (torch.cuda.OutOfMemoryError, RuntimeError) as error:
             if not _is_oom(error):
@@ -110,12 +107,18 @@ def full_context(model, prompt_ids, frame_counts, tokens_per_frame, max_tokens, 
             "tokens_per_frame": tokens_per_frame, "max_tokens": max_tokens, "notes": notes}
 
 
-def upstream_buffer_copy(frame_counts, dim, tokens_per_frame=64, repeats=3, deadline=None, log=print):
+def _pickled_copy(buffer):
+    # what one published update did: the whole list through a Manager, i.e. pickled and unpickled
+    return pickle.loads(pickle.dumps(buffer, protocol=pickle.HIGHEST_PROTOCOL))
+
+
+def upstream_buffer_copy(frame_counts, dim, tokens_per_frame=64, repeats=3, deadline=None, log=common.log):
     """Per-update cost of copying an unbounded fp16 frame list to the reader, at each length.
 
     The list holds one fp16 (tokens_per_frame, dim) tensor per frame (128 KiB at 64 x 1024), as the
     published frame handler appended them; each update pickled the whole list across processes.
     """
+    cpu = torch.device("cpu")
     base = torch.randn(tokens_per_frame, dim).half()
     buffer, rows = [], []
     for frames in sorted(set(int(f) for f in frame_counts)):
@@ -130,11 +133,10 @@ def upstream_buffer_copy(frame_counts, dim, tokens_per_frame=64, repeats=3, dead
         reps = repeats if nbytes < 500e6 else 1
         times = []
         for _ in range(reps):
-            start = time.perf_counter()
-            copy = pickle.loads(pickle.dumps(buffer, protocol=pickle.HIGHEST_PROTOCOL))
-            times.append(time.perf_counter() - start)
-            del copy
-        row.update(status="ok", copy_ms=round(1e3 * sorted(times)[len(times) // 2], 3), repeats=reps)
+            ms, copy = timed_ms(cpu, _pickled_copy, buffer)
+            times.append(ms)
+            del copy  # freed outside the timed call, as the reader kept it
+        row.update(status="ok", copy_ms=round(sorted(times)[len(times) // 2], 3), repeats=reps)
         log(f"  upstream buffer {frames:>6} frames ({nbytes / 2**20:8.1f} MiB): copy {row['copy_ms']:.1f} ms/update")
     buffer.clear()
     gc.collect()
