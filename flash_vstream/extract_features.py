@@ -25,11 +25,12 @@ import time
 
 import torch
 
-from .eval_video.aggregate import write_atomic
+from .features import feature_file_for, save_features, valid_feature_file
 from .mm_utils import process_images
-from .video_io import (IMAGE_EXTENSIONS, VIDEO_EXTENSIONS, VideoReadError, feature_file_for, is_image_path,
-                       is_url, is_video_path, iter_frames, load_image, save_features, temp_files_for,
-                       valid_feature_file)
+from .utils.files import temp_files_for, write_json
+from .utils.sharding import shard_bounds
+from .video_io import (IMAGE_EXTENSIONS, VIDEO_EXTENSIONS, VideoReadError, is_image_path, is_url, is_video_path,
+                       iter_frames, load_image)
 
 EXTRACTOR_VERSION = "flash_vstream.extract_features/1"
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
@@ -110,13 +111,6 @@ def collect_inputs(input_path, list_file=None):
         else:
             paths.append(name)
     return input_path, list(dict.fromkeys(paths)), missing
-
-
-def shard_bounds(n, num_chunks, chunk_idx):
-    """Contiguous, balanced [lo, hi) of `n` items for shard `chunk_idx` of `num_chunks`."""
-    if not 0 <= chunk_idx < num_chunks:
-        raise ValueError(f"chunk index {chunk_idx} out of range for {num_chunks} chunks")
-    return n * chunk_idx // num_chunks, n * (chunk_idx + 1) // num_chunks
 
 
 def resolve_shard(num_chunks=None, chunk_idx=None, environ=os.environ):
@@ -386,8 +380,7 @@ def extract_paths(paths, input_root, output_dir, vision_tower, fps=1.0, dtype="f
                             "decode_threads": decode_threads, "image_aspect_ratio": image_aspect_ratio,
                             "end": end, "extractor_version": EXTRACTOR_VERSION})
     if report_path:
-        os.makedirs(os.path.dirname(os.path.abspath(report_path)), exist_ok=True)
-        write_atomic(report_path, json.dumps(report, indent=1))
+        write_json(report_path, report, indent=1)
     return report
 
 

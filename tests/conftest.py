@@ -117,7 +117,7 @@ def make_qa_tree(tiny_model_dir):
 
     import torch
 
-    from flash_vstream.video_io import save_features
+    from flash_vstream.features import save_features
 
     with open(os.path.join(tiny_model_dir, "config.json")) as f:
         width = json.load(f)["mm_hidden_size"]

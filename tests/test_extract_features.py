@@ -11,11 +11,12 @@ import pytest
 import torch
 from PIL import Image
 
-from flash_vstream.extract_features import (collect_inputs, extract_paths, main, report_name,
-                                            resolve_device, resolve_shard, shard_bounds)
+from flash_vstream.extract_features import collect_inputs, extract_paths, main, report_name, resolve_device, resolve_shard
+from flash_vstream.features import feature_file_for, load_features, load_features_with_meta, valid_feature_file
 from flash_vstream.mm_utils import process_images
-from flash_vstream.video_io import (feature_file_for, load_features, load_features_with_meta, read_frames, temp_files_for,
-                                    valid_feature_file)
+from flash_vstream.utils.files import temp_files_for
+from flash_vstream.utils.sharding import shard_bounds
+from flash_vstream.video_io import read_frames
 
 from support import REPO as ROOT
 HIDDEN = 32  # the tiny CLIP's hidden size

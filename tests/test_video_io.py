@@ -9,10 +9,11 @@ import numpy as np
 import pytest
 import torch
 
-from flash_vstream.video_io import (FeatureLoadError, VideoReadError, is_image_path, is_url, is_video_path,
-                                    iter_frames, load_features, load_features_with_meta, load_image,
-                                    read_frames, rotate_frame, save_features, temp_files_for,
+from flash_vstream.features import (FeatureLoadError, load_features, load_features_with_meta, save_features,
                                     valid_feature_file)
+from flash_vstream.utils.files import temp_files_for
+from flash_vstream.video_io import (VideoReadError, is_image_path, is_url, is_video_path, iter_frames, load_image,
+                                    read_frames, rotate_frame)
 
 try:
     from flash_vstream.video_io import _import_decord
@@ -355,3 +356,21 @@ def test_interrupted_save_leaves_no_file(tmp_path, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         save_features(path, torch.zeros(1, 256, 8), {})
     assert os.listdir(tmp_path) == []
+
+
+def test_failed_save_keeps_the_previous_file(tmp_path):
+    path = str(tmp_path / "v.safetensors")
+    save_features(path, torch.ones(2, 256, 8), {"fps": 1.0, "timestamps": [0.0, 1.0]})
+    with pytest.raises(Exception):
+        save_features(path, torch.zeros(3, 256, 8), {"timestamps": ["not a number"]})  # fails before the rename
+    feature, meta = load_features_with_meta(path, kind="video")
+    assert torch.equal(feature, torch.ones(2, 256, 8)) and meta["timestamps"] == [0.0, 1.0]
+    assert os.listdir(tmp_path) == ["v.safetensors"]
+
+
+def test_frame_times_from_the_header_or_the_frame_rate():
+    from flash_vstream.features import frame_times
+
+    assert frame_times({"fps": 2.0, "timestamps": [0.0, 0.7, 1.1]}, 3, 1.0) == [0.0, 0.7, 1.1]
+    assert frame_times({"fps": 2.0}, 3, 1.0) == [0.0, 0.5, 1.0]
+    assert frame_times({}, 2, 1.0) == [0.0, 1.0]

@@ -204,14 +204,13 @@ class InputLoader:
                 self._cache = self._encode_video(path, end)  # (T, 256, D) on the model's device
                 self._cache_key = (path, end)
             return self._cache
-        from flash_vstream.video_io import FEATURE_EXTENSION, load_features_with_meta
+        from flash_vstream.features import FEATURE_EXTENSION, frame_times, load_features_with_meta
 
         path = os.path.join(self.video_dir, f"{item['video_id']}{FEATURE_EXTENSION}")
         if path != self._cache_key:
             self._cache_key, self._cache = None, None
             feature, meta = load_features_with_meta(path, hidden_size=self.model.config.mm_hidden_size)
-            fps = meta.get("fps") or self.model.config.video_fps
-            timestamps = meta.get("timestamps") or [k / fps for k in range(len(feature))]
+            timestamps = frame_times(meta, len(feature), self.model.config.video_fps)
             self._cache, self._cache_key = (feature, timestamps), path
         feature, timestamps = self._cache
         return cut_at(feature, timestamps, end).to(self.model.device)
@@ -310,7 +309,8 @@ def answer_items(items, model, tokenizer, load_input, store, identity, args):
     from tqdm import tqdm
 
     from flash_vstream.model.memory import memory_num_tokens
-    from flash_vstream.video_io import FeatureLoadError, VideoReadError
+    from flash_vstream.features import FeatureLoadError
+    from flash_vstream.video_io import VideoReadError
 
     input_errors = (FeatureLoadError, VideoReadError, OSError, ValueError)  # this item's input is bad
     errors = 0

@@ -236,7 +236,7 @@ def test_last_frames_ablation_keeps_the_size_but_only_the_newest_frames(tmp_path
     import torch
 
     from flash_vstream.eval_video.inference import InputLoader
-    from flash_vstream.video_io import save_features
+    from flash_vstream.features import save_features
 
     feature = torch.arange(5, dtype=torch.float32)[:, None, None].expand(5, 256, 8).contiguous()  # frame k = k
     save_features(str(tmp_path / "v.safetensors"), feature, {"fps": 1})
