@@ -17,7 +17,6 @@ import tempfile
 import numpy as np
 import torch
 
-
 from flash_vstream.demo.tiny import TINY_CORPUS, build_tiny_clip, build_tiny_vstream, train_tokenizer
 from flash_vstream.model.builder import load_pretrained_model
 from flash_vstream.serve.session import StreamSession
@@ -31,11 +30,11 @@ def main(argv=None):
     parser.add_argument("--max-new-tokens", type=int, default=24)
     args = parser.parse_args(argv)
 
-    root = tempfile.mkdtemp()
-    clip = build_tiny_clip(os.path.join(root, "clip"))
-    tokenizer_dir = train_tokenizer(TINY_CORPUS * 20, os.path.join(root, "tokenizer"), vocab_size=300)
-    path = build_tiny_vstream(os.path.join(root, "model"), tokenizer_dir, clip)
-    tokenizer, model, image_processor, _ = load_pretrained_model(path, device=args.device)
+    with tempfile.TemporaryDirectory() as root:  # the tiny checkpoint, written and loaded like a real one
+        clip = build_tiny_clip(os.path.join(root, "clip"))
+        tokenizer_dir = train_tokenizer(TINY_CORPUS * 20, os.path.join(root, "tokenizer"), vocab_size=300)
+        path = build_tiny_vstream(os.path.join(root, "model"), tokenizer_dir, clip)
+        tokenizer, model, image_processor, _ = load_pretrained_model(path, device=args.device)
     rng = np.random.default_rng(0)
     frames = [rng.integers(0, 255, (48, 64, 3), dtype=np.uint8) for _ in range(args.frames)]
     common = dict(max_new_tokens=args.max_new_tokens)

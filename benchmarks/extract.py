@@ -3,8 +3,8 @@
     python -m benchmarks.extract --output bench_extract.json            # on a CUDA machine
     python -m benchmarks.extract --tiny --output /tmp/b.json            # CPU smoke run
 
-(a) Decode frames/s of a video (default ../shared/data/example.mp4) on the CPU with PyAV (and
-decord when installed): every frame at its native rate, and samples at 1 fps.
+(a) Decode frames/s of a video (default assets/example.mp4) on the CPU with PyAV (and decord when
+installed): every frame at its native rate, and samples at 1 fps.
 (b) CPU preprocessing frames/s (pad to square + CLIP resize/normalise, the real processor).
 (c) Encoder frames/s through the real CLIPVisionTower forward (layer -2 patch features) for a
 CLIP ViT-L/14-shaped CLIPVisionModel with random weights (same FLOPs as the real one), in
@@ -15,9 +15,7 @@ iterations so it runs anywhere in seconds.
 """
 
 import argparse
-import json
 import os
-import platform
 import statistics
 import sys
 import tempfile
@@ -25,15 +23,12 @@ import time
 
 import torch
 
-
+from benchmarks.common import DTYPES, VIT_L14, environment, random_clip_tower, repeat_ms
 from flash_vstream.mm_utils import process_images
+from flash_vstream.utils.files import write_json
 from flash_vstream.video_io import iter_frames
 
 DEFAULT_VIDEO = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "assets", "example.mp4")
-# CLIP ViT-L/14 at 224 px (openai/clip-vit-large-patch14's vision config)
-VIT_L14 = dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
-               image_size=224, patch_size=14, projection_dim=768, hidden_act="quick_gelu")
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
 def bench_decode(video, end, repeats):
@@ -79,46 +74,18 @@ def bench_preprocess(video, image_processor, batch, repeats):
             "frames_per_s": round(batch / best, 1), "processor": type(image_processor).__name__}
 
 
-def build_tower(tiny, dtype, device, workdir):
-    """A CLIPVisionTower over a random-weight checkpoint written to `workdir`."""
-    from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModel
+def build_tower(tiny, dtype, device):
+    """The stock CLIPVisionTower over random weights: ViT-L/14-shaped, or the demo's tiny tower."""
+    from transformers import CLIPVisionConfig
 
-    from flash_vstream.demo.tiny import build_tiny_clip
-    from flash_vstream.model.multimodal_encoder.clip_encoder import CLIPVisionTower
+    from flash_vstream.demo.tiny import tiny_clip_config
 
-    if tiny:
-        build_tiny_clip(workdir)
-    else:
-        torch.manual_seed(0)
-        with torch.device(device):  # initialise on the GPU: seconds instead of a minute on the CPU
-            model = CLIPVisionModel(CLIPVisionConfig(**VIT_L14, attn_implementation="sdpa"))
-        model.to(dtype).save_pretrained(workdir)
-        del model
-        processor = CLIPImageProcessor(size={"shortest_edge": 224}, crop_size={"height": 224, "width": 224})
-        processor.save_pretrained(workdir)
-    tower = CLIPVisionTower(workdir)
-    tower.vision_tower.to(device=device, dtype=dtype).eval()
-    return tower
+    return random_clip_tower(tiny_clip_config() if tiny else CLIPVisionConfig(**VIT_L14), device, dtype)
 
 
 def _timed(fn, x, iters, warmup, device):
-    """Median seconds of fn(x) over `iters` runs after `warmup`."""
-    for _ in range(warmup):
-        fn(x)
-    times = []
-    for _ in range(iters):
-        if device.type == "cuda":
-            start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn(x)
-            stop.record()
-            stop.synchronize()
-            times.append(start.elapsed_time(stop) / 1000)
-        else:
-            t0 = time.perf_counter()
-            fn(x)
-            times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+    """Median seconds of fn(x) over `iters` runs after `warmup` (wall clock, the device synchronised)."""
+    return statistics.median(repeat_ms(device, lambda i: fn(x), iters, warmup)) / 1e3
 
 
 def bench_encoder(tower, batch_sizes, variants, iters, warmup):
@@ -197,9 +164,7 @@ def main(argv=None):
     dtype = DTYPES[args.dtype] if device.type == "cuda" else torch.float32
     if device.type != "cuda" and not args.tiny:
         print("no CUDA: only decode/preprocess are measured (pass --tiny for a CPU encoder smoke run)")
-    results = {"host": {"python": platform.python_version(), "torch": torch.__version__,
-                        "cpus": os.cpu_count(), "device": str(device),
-                        "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None},
+    results = {"host": {**environment(device), "cpus": os.cpu_count()},
                "video": os.path.abspath(args.video), "tiny": args.tiny, "dtype": str(dtype)}
 
     print(f"decode {args.video}")
@@ -210,7 +175,7 @@ def main(argv=None):
 
     with tempfile.TemporaryDirectory() as workdir:
         if device.type == "cuda" or args.tiny:
-            tower = build_tower(args.tiny, dtype, device, os.path.join(workdir, "tower"))
+            tower = build_tower(args.tiny, dtype, device)
             results["attn_implementation"] = tower.vision_tower.config._attn_implementation
             results["preprocess"] = bench_preprocess(args.video, tower.image_processor, 32 if args.tiny else 128,
                                                      repeats)
@@ -229,8 +194,7 @@ def main(argv=None):
                 print(f"end to end: {results['e2e']}")
 
     os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
-    with open(args.output, "w") as f:
-        json.dump(results, f, indent=1)
+    write_json(args.output, results, indent=1)
     if results.get("encoder"):
         best = max(results["encoder"], key=lambda r: r["frames_per_s"])
         print(f"best encoder: {best['frames_per_s']:.1f} frames/s ({best['variant']}, batch {best['batch']}); "
