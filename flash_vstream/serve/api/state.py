@@ -1,0 +1,140 @@
+"""The server's settings, its loaded model, its engine and its metrics: one object per app."""
+
+import dataclasses
+import os
+import threading
+import time
+
+from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client.core import GaugeMetricFamily
+
+from .scheduler import STATES, Engine
+
+LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+
+
+@dataclasses.dataclass
+class Settings:
+    model_path: str
+    model_base: str | None = None
+    model_id: str | None = None  # the name /v1/models shows (default: the model folder's name)
+    device: str | None = None
+    api_key: str | None = None
+    media_root: str | None = None
+    allow_remote_sources: bool = False
+    max_sessions: int = 16
+    max_frame_bytes: int = 8 * 2**20  # one pushed image
+    max_video_bytes: int = 64 * 2**20  # a data-URL video in a chat completion
+    max_video_frames: int = 1800  # frames a one-shot video may give at its fps
+    max_question_chars: int = 4000
+    max_tokens: int = 512  # the most answer tokens a request may ask for
+    default_max_tokens: int = 64
+    max_fps: float = 30.0
+    max_pending_questions: int = 4  # per session
+    inbox_size: int = 8  # frames waiting for the ingest lane, per session
+    idle_timeout_s: float = 600.0
+    conv_mode: str = "vicuna_v1"
+
+    def __post_init__(self):
+        if self.model_id is None:
+            self.model_id = os.path.basename(os.path.normpath(self.model_path)) or "flash-vstream"
+
+
+class Metrics:
+    """Prometheus metrics in a registry of this app's own (two apps in one process do not collide)."""
+
+    def __init__(self, state):
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.sessions_created = Counter("flash_vstream_sessions_created", "sessions opened", registry=r)
+        self.sessions_failed = Counter("flash_vstream_sessions_failed", "sessions whose source or ingest failed",
+                                       registry=r)
+        self.frames_ingested = Counter("flash_vstream_frames_ingested", "frames encoded into a memory", registry=r)
+        self.frames_dropped = Counter("flash_vstream_frames_dropped", "frames not ingested", ["reason"], registry=r)
+        self.questions = Counter("flash_vstream_questions_answered", "questions answered", registry=r)
+        self.latency = Histogram("flash_vstream_question_latency_seconds", "question arrival -> last token",
+                                 buckets=LATENCY_BUCKETS, registry=r)
+        self.ttft = Histogram("flash_vstream_time_to_first_token_seconds", "question arrival -> first token",
+                              buckets=LATENCY_BUCKETS, registry=r)
+        self.frame_seconds = Histogram("flash_vstream_frame_ingest_seconds", "one frame's encode + memory update",
+                                       buckets=LATENCY_BUCKETS, registry=r)
+        self.requests_rejected = Counter("flash_vstream_requests_rejected", "requests answered with an error",
+                                         ["status"], registry=r)
+        r.register(_LiveCollector(state))
+
+
+class _LiveCollector:
+    """Gauges read at scrape time: sessions by state and accelerator memory."""
+
+    def __init__(self, state):
+        self.state = state
+
+    def collect(self):
+        sessions = GaugeMetricFamily("flash_vstream_sessions", "open sessions by state", labels=["state"])
+        counts = self.state.engine.counts() if self.state.engine is not None else dict.fromkeys(STATES, 0)
+        for name in STATES:
+            sessions.add_metric([name], counts[name])
+        yield sessions
+        gpu = GaugeMetricFamily("flash_vstream_gpu_memory_bytes", "accelerator memory allocated by torch "
+                                "(0 without CUDA)", labels=["kind"])
+        allocated = reserved = 0
+        try:
+            import torch
+
+            if torch.cuda.is_available() and torch.cuda.is_initialized():
+                allocated, reserved = torch.cuda.memory_allocated(), torch.cuda.memory_reserved()
+        except Exception:  # noqa: BLE001 - metrics never fail a scrape
+            pass
+        gpu.add_metric(["allocated"], allocated)
+        gpu.add_metric(["reserved"], reserved)
+        yield gpu
+
+
+class ServerState:
+    """Settings + model + engine. `load()` (a background thread at start-up) fills in the model; until it
+    is done `ready` is False and everything but /health and the page answers 503."""
+
+    def __init__(self, settings):
+        self.settings = settings
+        self.engine = None
+        self.tokenizer = self.model = self.image_processor = self.context_len = None
+        self.load_error = None
+        self.ready = threading.Event()
+        self.started = int(time.time())
+        self.metrics = Metrics(self)
+
+    def load(self):
+        try:
+            from ...model.builder import load_pretrained_model
+
+            import torch
+
+            s = self.settings
+            device = s.device or ("cuda" if torch.cuda.is_available() else "cpu")
+            self.tokenizer, self.model, self.image_processor, self.context_len = load_pretrained_model(
+                s.model_path, s.model_base, device=device)
+            self.attach(self.model, self.tokenizer, self.image_processor, self.context_len)
+        except BaseException as error:  # noqa: BLE001 - reported by /health and the start-up line
+            self.load_error = f"{type(error).__name__}: {error}"
+            raise
+
+    def attach(self, model, tokenizer, image_processor, context_len=None):
+        """Use an already loaded model (the CLI loads one; tests may pass theirs)."""
+        from ..session import StreamSession
+
+        s = self.settings
+        self.model, self.tokenizer, self.image_processor, self.context_len = (model, tokenizer, image_processor,
+                                                                            context_len)
+
+        def make_stream(fps):
+            return StreamSession(model, tokenizer, image_processor, conv_mode=s.conv_mode,
+                                 max_new_tokens=s.max_tokens, video_fps=fps, context_len=context_len)
+
+        self.engine = Engine(make_stream, max_sessions=s.max_sessions, inbox_size=s.inbox_size,
+                             max_pending_questions=s.max_pending_questions, idle_timeout_s=s.idle_timeout_s,
+                             metrics=self.metrics).start()
+        self.ready.set()
+
+    def close(self):
+        if self.engine is not None:
+            self.engine.stop()
