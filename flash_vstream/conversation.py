@@ -137,3 +137,23 @@ def conversation_from_record(turns, template):
             value = DEFAULT_IMAGE_TOKEN if DEFAULT_IMAGE_TOKEN in value else ""
         conv.append_message(roles[speaker], value)
     return conv
+
+
+def build_prompt(question, template="vicuna_v1", system=None, options=None, history=()):
+    """The generation prompt for `question`: the one way eval, the streaming session and the
+    benchmarks build it.
+
+    template: a template name or a Conversation. system: replaces the template's system message.
+    history: earlier [(question, answer)] exchanges. The one `<image>` placeholder opens the first
+    user turn, so the prompt through it stays the same as the conversation grows. options: listed
+    after the question as `(A) ...`, `(B) ...`. The prompt ends with the assistant's open turn.
+    """
+    conv = conv_templates[template].copy() if isinstance(template, str) else template.copy()
+    if system is not None:
+        conv.system = system
+    if options:
+        question = f"{question}\nOptions:\n" + "\n".join(f"({chr(ord('A') + k)}) {o}" for k, o in enumerate(options))
+    for i, (q, a) in enumerate([*history, (question, None)]):
+        conv.append_message(conv.roles[0], f"{DEFAULT_IMAGE_TOKEN}\n{q}" if i == 0 else q)
+        conv.append_message(conv.roles[1], a)
+    return conv.get_prompt()

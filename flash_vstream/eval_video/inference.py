@@ -37,6 +37,7 @@ import json
 import os
 import sys
 
+from flash_vstream.conversation import build_prompt
 from flash_vstream.eval_video.aggregate import assign_keys
 from flash_vstream.utils.files import ResumableJsonl, StaleFile
 from flash_vstream.utils.sharding import shard
@@ -237,22 +238,6 @@ class InputLoader:
 
 
 # ---------------------------------------------------------------- prompts and answers
-
-def build_prompt(question, conv_mode="vicuna_v1", system=None, options=None):
-    """The chat prompt with one `<image>` placeholder; options are listed as (A) ..., (B) ..."""
-    from flash_vstream.constants import DEFAULT_IMAGE_TOKEN
-    from flash_vstream.conversation import conv_templates
-
-    conv = conv_templates[conv_mode].copy()
-    if system is not None:
-        conv.system = system
-    text = f"{DEFAULT_IMAGE_TOKEN}\n{question}"
-    if options:
-        text += "\nOptions:\n" + "\n".join(f"({chr(ord('A') + k)}) {o}" for k, o in enumerate(options))
-    conv.append_message(conv.roles[0], text)
-    conv.append_message(conv.roles[1], None)
-    return conv.get_prompt()
-
 
 def decode_answer(tokenizer, ids, stop="</s>"):
     """(text, finish_reason) of one row of new tokens: cut at the first EOS and at `stop`."""

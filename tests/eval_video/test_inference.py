@@ -6,6 +6,7 @@ import os
 import numpy as np
 import pytest
 
+from flash_vstream.conversation import build_prompt
 from flash_vstream.eval_video import inference, run_eval
 from flash_vstream.utils.files import read_jsonl
 
@@ -208,10 +209,19 @@ def test_items_with_options_are_answered_by_likelihood(tiny_model_dir, make_qa_t
 
 
 def test_prompt_is_vicuna_v1_with_one_image_placeholder():
-    prompt = inference.build_prompt("is it red?")
+    prompt = build_prompt("is it red?")
     assert prompt.endswith("USER: <image>\nis it red? ASSISTANT:")
     assert prompt.count("<image>") == 1
-    assert inference.build_prompt("q", system="Be brief.").startswith("Be brief. USER: <image>\nq")
+    assert build_prompt("q", system="Be brief.").startswith("Be brief. USER: <image>\nq")
+
+
+def test_prompt_options_and_history():
+    # the one prompt builder (conversation.build_prompt) that inference, the session and the benchmarks use
+    assert build_prompt("which?", options=["a cat", "a dog"]).endswith(
+        "USER: <image>\nwhich?\nOptions:\n(A) a cat\n(B) a dog ASSISTANT:")
+    prompt = build_prompt("and now?", history=[("what colour?", "red")])
+    assert prompt.endswith("USER: <image>\nwhat colour? ASSISTANT: red</s>USER: and now? ASSISTANT:")
+    assert prompt.startswith(build_prompt("")[:build_prompt("").index("<image>") + len("<image>")])
 
 
 def test_decode_cuts_at_the_stop(tiny_model_dir):
