@@ -145,7 +145,8 @@ class FrameEncoder:
 
     def __init__(self, vision_tower, device="cpu", dtype="fp16", image_aspect_ratio="pad", compile=False):
         from .model.multimodal_encoder.clip_encoder import CLIPVisionTower
-        from .runtime.vision import FastVisionEncoder
+        from .runtime.fast_path import FastPath
+        from .runtime.options import FastPathOptions
 
         if dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
@@ -163,12 +164,13 @@ class FrameEncoder:
         self.hidden_size = self.tower.hidden_size
         self.num_patches = self.tower.num_patches
         self.on_cuda = self.tower.device.type == "cuda"
-        # the tower's own features, from the fast encoder: it stops at the selected layer (bit-exact); with
-        # `compile`, batches run its compiled path (fused q/k/v, the patch embedding as one product; on CUDA
-        # the Triton attention and fc1 kernels)
-        self._forward = FastVisionEncoder(self.tower.vision_tower, self.tower.select_layer, self.tower.select_feature)
-        if compile:
-            self._forward.compile()
+        # the tower's own features, from the fast path's encoder: it stops at the selected layer (bit-exact);
+        # with `compile`, batches run its compiled path (q/k/v fused by an announced step, the patch embedding
+        # as one product; on CUDA the Triton attention and fc1 kernels). No CUDA graph: batches, not frames.
+        options = FastPathOptions(enabled=True, cuda_graph=False, compile_decode=False, fused_weights=False,
+                                  compile_vision=bool(compile), pad_suffix=False)
+        self.fast_path = FastPath(tower=self.tower, options=options).fuse_weights()
+        self._forward = self.fast_path.vision()
 
     def preprocess(self, frames):
         pixels = process_images(frames, self.image_processor, self.image_aspect_ratio)  # (B, 3, S, S)

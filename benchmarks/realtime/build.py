@@ -17,6 +17,8 @@ from flash_vstream.constants import IMAGE_TOKEN_INDEX
 from flash_vstream.model.language_model.configuration_vstream import PATCH_GRID
 from flash_vstream.model.memory import STARMemory
 from flash_vstream.runtime.decoder import GreedyDecoder, prefix_through_image
+from flash_vstream.runtime.fast_path import FastPath
+from flash_vstream.runtime.options import FastPathOptions
 from flash_vstream.runtime.vision import FastVisionEncoder
 
 # Vicuna-7B v1.5 (LLaMA-2-7B shape)
@@ -80,6 +82,7 @@ class Bench:
     model: object = None
     tokenizer: object = None
     tower: object = None  # stock CLIPVisionTower
+    fast_path: FastPath = None  # builds every decoder and the fast encoder timed (strict with --strict)
     fast_vision: FastVisionEncoder = None
     decoder: GreedyDecoder = None  # the one the decode section found fastest
     prompt_ids: torch.Tensor = None  # (L,) on the CPU, one <image>
@@ -128,14 +131,32 @@ class Bench:
 def new_decoder(b, memory_tokens, cuda_graph, compile_step, fused_step=None, triton_kernels=None):
     """A `GreedyDecoder` whose cache holds the prompt, `memory_tokens` and the longest answer timed."""
     need = len(b.prompt_ids) - 1 + memory_tokens + max(b.args.answer_tokens, b.preset["decode_steps"]) + 2
-    options = {"mode": b.args.decode_compile_mode} if b.args.decode_compile_mode else None
-    return GreedyDecoder(b.model, max_cache_len=need, cuda_graph=cuda_graph, compile_step=compile_step,
-                         compile_options=options, fused_step=fused_step, triton_kernels=triton_kernels)
+    # fused_step / triton_kernels None: the fast path's own choice
+    changes = {"cuda_graph": cuda_graph, "compile_decode": compile_step, "pad_suffix": cuda_graph}
+    if fused_step is not None:
+        changes["fused_weights"] = fused_step
+    if triton_kernels is not None:
+        changes["triton"] = triton_kernels
+    return b.fast_path.new_decoder(need, **changes)
 
 
-def new_fast_vision(tower):
-    """The fast CLIP encoder over the stock tower's own weights (same select layer and feature)."""
-    return FastVisionEncoder(tower.vision_tower, tower.select_layer, tower.select_feature)
+def new_fast_path(b):
+    """The fast path over the bench's model and tower: its options resolved once (logged, and in the build
+    section), its weights fused as an announced step before anything is captured. With --strict a part
+    that cannot run raises (its section fails, naming what and why) instead of falling back."""
+    cuda = b.device.type == "cuda"
+    compile_clip = b.args.clip_compile == "on" or (b.args.clip_compile == "auto" and cuda)
+    options = FastPathOptions(enabled=True, compile_decode="auto" if b.args.decode_compile != "off" else False,
+                              compile_vision=compile_clip, strict=b.args.strict,
+                              decode_compile_mode=b.args.decode_compile_mode,
+                              vision_compile_mode=b.args.clip_compile_mode)
+    return FastPath(b.model, options, tower=b.tower).fuse_weights()
+
+
+def new_fast_vision(b):
+    """The fast CLIP encoder over the stock tower's own weights (same select layer and feature), built only:
+    the sections capture its graph and compile it themselves, timing each."""
+    return b.fast_path.vision(prepare=False)
 
 
 # --- building -----------------------------------------------------------------------------------------------
@@ -212,11 +233,13 @@ def build(b):
     start = time.perf_counter()
     b.tokenizer, b.model = build_language_model(b)
     b.tower = build_vision(b)
-    b.fast_vision = new_fast_vision(b.tower)
+    b.fast_path = new_fast_path(b)
+    b.fast_vision = new_fast_vision(b)
     b.prompt_ids = prompt_ids(b.tokenizer, b.config.vocab_size, b.args.seed)
     out.update(status="ok", seconds=round(time.perf_counter() - start, 1),
                llm_params=sum(p.numel() for p in b.model.parameters()),
                vision_params=sum(p.numel() for p in b.tower.parameters()),
                prompt_tokens=len(b.prompt_ids), weights="checkpoint" if b.args.model_path else "random",
                memory_mode=b.config.memory_mode, fast_vision_layers=len(b.fast_vision.layers),
+               fast_path=b.fast_path.describe(),
                after_build_mem_gb=peak_gb(b.device))

@@ -18,27 +18,17 @@ def free_memory(device):
         torch.cuda.empty_cache()
 
 
-_WARMUP_STREAMS = {}  # device -> the one side stream every capture warms up on
-
-
-def warmup_stream(device):
-    """The side stream graph captures warm up on: one per device, kept. cuBLAS keeps a 32 MiB workspace
-    for every stream it has run on, for the life of the process, so a new stream per capture cost
-    32-100 MB each (the realtime session captures five or more graphs)."""
-    device = torch.device(device)
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    if index not in _WARMUP_STREAMS:
-        _WARMUP_STREAMS[index] = torch.cuda.Stream(index)
-    return _WARMUP_STREAMS[index]
-
-
-def capture_graph(fn, device, warmup=3, pool=None, before_each=None):
+def capture_graph(fn, device, warmup=3, pool=None, before_each=None, stream=None):
     """Warm `fn` up on a side stream (allocations, lazy init, compilation happen there), then record one
     call of it into a `torch.cuda.CUDAGraph` -> (graph, what the recorded call returned). `before_each`
     runs before every warm-up call and before the recording (e.g. resetting a cache position);
-    `pool`: share another graph's memory pool (graphs that never run at once)."""
+    `pool`: share another graph's memory pool (graphs that never run at once).
+
+    `stream`: the side stream to warm up on. Pass one kept stream for all captures (`FastPath` owns one):
+    cuBLAS keeps a 32 MiB workspace for every stream it has run on, for the life of the process, so a
+    new stream per capture (what None gives) costs that much each time."""
     current = torch.cuda.current_stream(device)
-    side = warmup_stream(device)
+    side = torch.cuda.Stream(device) if stream is None else stream
     side.wait_stream(current)
     with torch.cuda.stream(side):
         for _ in range(warmup):

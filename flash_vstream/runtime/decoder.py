@@ -25,12 +25,16 @@ H100 against a memory-bandwidth limit near 240; this decoder: 193, see docs/benc
    length). Answers write after P, so the prefix serves any number of questions. The realtime
    session refreshes it after every frame, which takes the memory's prefill off the question's path.
 
-The graph is set up once per decoder (`setup()`, on a throwaway one-token prompt: compile, warm-up
-on a side stream, capture). Whatever fails there is recorded in `errors` and the next simpler step
-is used: Triton compiled -> fused compiled -> compiled -> Triton -> fused -> the model's own step, each
-in a graph, then the eager loop. Off CUDA the chosen step runs eagerly in a loop (`fused_step=True`
-picks the fused one, `triton_kernels=True` its Triton products, in Triton's interpreter), so the CPU
-tests check the exact code the graph replays against `model.generate`.
+Every switch is an explicit argument (all off by default: the plain static-cache loop); `FastPath`
+(fast_path.py) picks them from resolved `FastPathOptions`. The graph is set up once per decoder
+(`setup()`, on a throwaway one-token prompt: compile, warm-up on a side stream, capture). With
+`strict`, a step that fails there raises `FastPathError`; otherwise the failure is recorded in
+`errors`, reported once to `on_fallback`, and the next simpler step is used: Triton compiled -> fused
+compiled -> compiled -> Triton -> fused -> the model's own step, each in a graph, then the eager loop.
+Off CUDA the chosen step runs eagerly in a loop (`fused_step=True` picks the fused one,
+`triton_kernels=True` its Triton products, in Triton's interpreter), so the CPU tests check the exact
+code the graph replays against `model.generate`. The fused step reads weights fused beforehand
+(`FastPath.fuse_weights()`): building or setting up a decoder never changes the model's parameters.
 """
 
 import inspect
@@ -39,9 +43,9 @@ import torch
 
 from ..constants import IMAGE_TOKEN_INDEX
 from ..mm_utils import expand_image_tokens
-from .cuda_utils import capture_graph, free_memory, sync
-from .fused_decode import FusedDecodeStep, fuse_projections
-from .triton_kernels import usable
+from .cuda_utils import capture_graph, sync
+from .fused_decode import FusedDecodeStep
+from .options import FastPathError
 
 CACHE_ALIGN = 128  # static cache lengths are multiples of this (keeps SDPA's mask aligned, few distinct sizes)
 SUFFIX_BUCKET = 32  # a question after a cached prefix runs padded to a multiple of this (one graph per size)
@@ -95,29 +99,38 @@ class GreedyDecoder:
     `model.generate(input_ids, memory=[tokens], max_new_tokens=n, do_sample=False)` (new tokens only,
     ending at the first EOS when `eos_token_id` is given). One decoder serves any number of questions;
     it is not thread-safe. `max_cache_len` bounds prompt + answer (memory tokens included).
-    `cuda_graph` / `compile_step`: None = on when the model is on CUDA; `compile_options` go to
-    `torch.compile` (e.g. {"backend": "eager"} to check tracing alone).
+
+    cuda_graph: the decode step (and the question after a kept prefix) as CUDA graphs (CUDA only);
+    compile_step: `torch.compile` the step, `compile_options` going to it (e.g. {"backend": "eager"} to
+    check tracing alone); fused_step: the step over fused q/k/v and gate/up weights (fused_decode.py;
+    the weights fused beforehand); triton_kernels: that step's products as Triton kernels (needs
+    fused_step); pad_suffix: questions after a kept prefix padded to SUFFIX_BUCKET tokens; strict: a
+    step that fails raises `FastPathError` instead of falling back; on_fallback(part, reason): told once
+    per fallback; warmup_stream: the side stream captures warm up on (None: one of the decoder's own).
     """
 
-    def __init__(self, model, max_cache_len=1024, cuda_graph=None, compile_step=None, compile_options=None,
-                 warmup_steps=3, check_every=16, pad_suffix=None, fused_step=None, triton_kernels=None):
+    def __init__(self, model, max_cache_len=1024, cuda_graph=False, compile_step=False, compile_options=None,
+                 warmup_steps=3, check_every=16, pad_suffix=False, fused_step=False, triton_kernels=False,
+                 strict=False, on_fallback=None, warmup_stream=None):
         self.model = model
         self.device = model.device
         self.dtype = model.get_model().embed_tokens.weight.dtype
         self.max_cache_len = round_up(max_cache_len)
-        on_cuda = self.device.type == "cuda"
-        self.cuda_graph = on_cuda if cuda_graph is None else bool(cuda_graph)
-        if self.cuda_graph and not on_cuda:
+        self.cuda_graph = bool(cuda_graph)
+        if self.cuda_graph and self.device.type != "cuda":
             raise ValueError("cuda_graph=True needs the model on a CUDA device")
-        self.compile_step = self.cuda_graph if compile_step is None else bool(compile_step)
+        self.compile_step = bool(compile_step)
         self.compile_options = {"dynamic": False, **(compile_options or {})}
-        # the decode step over fused q/k/v and gate/up weights (model/fused_decode.py), else the model's forward
-        self.fused_step = self.cuda_graph if fused_step is None else bool(fused_step)
+        # the decode step over fused q/k/v and gate/up weights (fused_decode.py), else the model's forward
+        self.fused_step = bool(fused_step)
         # the fused step's products as Triton kernels with their norms, gating and residuals folded in
-        # (model/triton_kernels.py); None = when Triton can run on the model's device
-        if triton_kernels is None:
-            triton_kernels = usable(model.lm_head.weight)
-        self.triton_kernels = self.fused_step and bool(triton_kernels)
+        # (triton_kernels.py)
+        self.triton_kernels = bool(triton_kernels)
+        if self.triton_kernels and not self.fused_step:
+            raise ValueError("triton_kernels=True runs the fused step's products: it needs fused_step=True")
+        self.strict = bool(strict)
+        self.on_fallback = on_fallback
+        self.warmup_stream = warmup_stream
         self.warmup_steps = max(1, int(warmup_steps))
         self.check_every = max(1, int(check_every))
         self.errors = {}  # setup failures by attempt ("triton_compiled", "fused_compiled", ...; "fuse")
@@ -136,7 +149,7 @@ class GreedyDecoder:
         self._prefix = None  # (ids, memory, length) of the prompt prefix kept in cache slots [0, length)
         # the tokens after a cached prefix run padded to a multiple of SUFFIX_BUCKET, from static buffers,
         # as one CUDA graph per bucket on CUDA (an eager 7B forward costs ~25 ms of launches at any length)
-        self.pad_suffix = self.cuda_graph if pad_suffix is None else bool(pad_suffix)
+        self.pad_suffix = bool(pad_suffix)
         self._suffix = {}  # bucket -> (ids (1, B), positions (B,), last index (1,), first token (1,), graph)
         self._suffix_pool = None
         # False: a size without a graph runs eagerly instead of being captured (a capture while another
@@ -145,16 +158,22 @@ class GreedyDecoder:
         self._generated = 0  # tokens generated since the last prefill (host-side count)
         self._ready = not (self.cuda_graph or self.compile_step or self.fused_step)  # the plain loop: nothing to set up
 
+    @property
+    def ready(self):
+        """Whether the decode step is chosen (set up, or nothing to set up): then `mode` says what runs."""
+        return self._ready
+
     # --- setup: compile, warm up, capture -----------------------------------------------------------
     @torch.inference_mode()
     def setup(self):
         """Compile and/or capture the decode step, on a throwaway one-token prompt (a real prefill resets
-        the cache). Any failure is recorded in `errors` and the next simpler step is used."""
+        the cache). `strict`: a failure raises `FastPathError`; otherwise it is recorded in `errors` and
+        the next simpler step is used."""
         if self._ready:
             return self
         self._ready = True
-        if self.cuda_graph:
-            self._fuse_weights()
+        if self.cuda_graph and self.warmup_stream is None:
+            self.warmup_stream = torch.cuda.Stream(self.device)  # one for all of this decoder's captures
         graph = "cuda_graph" if self.cuda_graph else "eager"
         attempts = [(name, fused, compiled, triton) for name, fused, compiled, triton in (
             ("triton_compiled", True, True, True), ("fused_compiled", True, True, False),
@@ -168,28 +187,25 @@ class GreedyDecoder:
                     torch.compile(self.model, **self.compile_options) if compiled else self.model)
                 self.prefill(torch.ones(1, dtype=torch.long))
                 if self.cuda_graph:  # warm-up (and compilation) off the capture; the recording changes no state
-                    self._graph, _ = capture_graph(self._step, self.device, self.warmup_steps)
+                    self._graph, _ = capture_graph(self._step, self.device, self.warmup_steps,
+                                                   stream=self.warmup_stream)
                 else:
                     for _ in range(self.warmup_steps):  # compiles
                         self._step()
                 self.mode = f"{name}_{graph}" if name != "eager" else graph
-                return self
-            except Exception as error:  # noqa: BLE001 -- any failure: record it, try the next simpler step
+                break
+            except Exception as error:  # noqa: BLE001 -- any failure: raise (strict) or try the next simpler step
                 self.errors[name] = f"{type(error).__name__}: {str(error)[:1000]}"
                 self._graph = None
                 sync(self.device)
-        self._step_fn, self.mode = self._model_step(self.model), "eager"
+                if self.strict:
+                    raise FastPathError(f"decode step {name!r} ({graph})", self.errors[name]) from error
+        else:
+            self._step_fn, self.mode = self._model_step(self.model), "eager"
+        if self.errors and self.on_fallback is not None:
+            self.on_fallback("decode step", f"runs {self.mode}; " + "; ".join(
+                f"{name} failed: {error[:300]}" for name, error in self.errors.items()))
         return self
-
-    def _fuse_weights(self):
-        """Fuse q/k/v and gate/up weights before anything is captured (model/fused_decode.py), even when this
-        decoder's step does not use them: graphs hold weight addresses, and fusing later would leave any
-        other decoder's graph on this model reading freed memory."""
-        try:
-            fuse_projections(self.model)
-        except NotImplementedError as error:
-            self.errors["fuse"] = f"not fused: {error}"
-        free_memory(self.device)  # the unfused weights' blocks
 
     # the step functions close over the model and the cache, not over the decoder: no reference cycle
     # (the realtime session freezes the heap after warming up, and frozen cycles are never collected)
@@ -272,9 +288,13 @@ class GreedyDecoder:
         if self.cuda_graph and graph is None and self.capture_new_suffixes and "suffix_graph" not in self.errors:
             try:
                 graph = self._capture_suffix(bucket, start)
-            except Exception as error:  # noqa: BLE001 -- record it; the padded eager forward still answers
+            except Exception as error:  # noqa: BLE001 -- raise (strict) or record it: the padded eager forward answers
                 self.errors["suffix_graph"] = f"{type(error).__name__}: {str(error)[:1000]}"
                 sync(self.device)
+                if self.strict:
+                    raise FastPathError("question graph", self.errors["suffix_graph"]) from error
+                if self.on_fallback is not None:
+                    self.on_fallback("question graph", f"questions run eagerly; {self.errors['suffix_graph'][:300]}")
                 self._set_cache_length(start)
         if graph is not None:
             graph.replay()
@@ -286,7 +306,8 @@ class GreedyDecoder:
     def _capture_suffix(self, bucket, start):
         # the warm-up calls write only the slots the real run writes next
         graph, _ = capture_graph(lambda: self._suffix_forward(bucket), self.device, warmup=2,
-                                 pool=self._suffix_pool, before_each=lambda: self._set_cache_length(start))
+                                 pool=self._suffix_pool, before_each=lambda: self._set_cache_length(start),
+                                 stream=self.warmup_stream)
         self._suffix_pool = graph.pool()  # one memory pool for all sizes: they never run at once
         self._suffix[bucket] = (*self._suffix[bucket][:4], graph)
         return graph

@@ -5,7 +5,7 @@ matrix: the step is bound by memory bandwidth, and the small ones (4096 x 4096, 
 less of it than the large ones. `fuse_projections` stores q/k/v as one (3 * 4096, 4096) matrix and
 gate/up as one (2 * 11008, 4096) matrix and points the model's own `nn.Linear` weights at row slices
 of them: the same values and the same memory, every other code path (prefill, `generate`, training)
-unchanged. `FusedDecodeStep` then runs a layer as four products instead of seven, on CUDA as Triton
+unchanged; `FastPath.fuse_weights()` does it, as a step of its own. `FusedDecodeStep` then runs a layer as four products instead of seven, on CUDA as Triton
 matrix-vector kernels with the RMSNorms, SiLU gating and residual adds folded in (triton_kernels.py).
 
 It reads and writes the K/V tensors of the transformers `StaticCache` that the model's own forward
@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import triton_kernels
-from .fusing import fuse_linears
+from .fusing import fuse_linears, fused_tensors
 
 
 def _check_supported(model):
@@ -50,16 +50,36 @@ def fuse_projections(model):
     return fused
 
 
+def fused_projections(model):
+    """What `fuse_projections(model)` returned, read back without fusing anything -> [(qkv, gate_up)] per
+    layer. Raises `NotImplementedError` for a layer the step does not model, `RuntimeError` when the
+    weights are not (or no longer) fused: fusing re-points the model's parameters, so it is a step of its
+    own (`FastPath.fuse_weights()`), never a side effect of building a decode step."""
+    _check_supported(model)
+    fused = []
+    for i, layer in enumerate(model.get_model().layers):
+        attn, mlp = layer.self_attn, layer.mlp
+        qkv = fused_tensors([attn.q_proj, attn.k_proj, attn.v_proj], attn, "fused_qkv")
+        gate_up = fused_tensors([mlp.gate_proj, mlp.up_proj], mlp, "fused_gate_up")
+        if qkv is None or gate_up is None:
+            raise RuntimeError(f"layer {i}'s q/k/v and gate/up weights are not fused: call "
+                               "FastPath.fuse_weights() (or fuse_projections(model)) first")
+        fused.append((qkv[0], gate_up[0]))
+    return fused
+
+
 class FusedDecodeStep:
     """`step(ids (1, 1), position (1,), mask (1, 1, 1, L), cache)` -> logits (1, vocab) of the next token,
     writing the token's K/V into `cache` (a `StaticCache` already filled by the model's prefill) at
     `position`. The same arithmetic as the model's forward for one token, with q/k/v and gate/up each
-    one product. Fuses the model's weights when built (see `fuse_projections`).
+    one product.
 
     `triton`: run the products as `triton_kernels.gemv`, with each product's RMSNorm, SiLU gating and
     residual add folded into it (five kernels per layer with attention, instead of about nine once
     compiled). None = when the kernels can run on the model's device and the model's layers are SiLU-gated
     with LLaMA's RMSNorm; True for other layers raises `NotImplementedError`.
+
+    The model's weights must be fused already (`fuse_projections`); building the step changes nothing.
     """
 
     def __init__(self, model, triton=None):
@@ -67,7 +87,7 @@ class FusedDecodeStep:
 
         self.model = model
         self.body = model.get_model()
-        self.weights = fuse_projections(model)
+        _check_supported(model)
         self._rotate = apply_rotary_pos_emb
         attn = self.body.layers[0].self_attn
         self.head_dim = attn.head_dim
@@ -78,6 +98,7 @@ class FusedDecodeStep:
         foldable = self._foldable()
         if triton and foldable is not True:
             raise NotImplementedError(f"the Triton step cannot fold in {foldable}")
+        self.weights = fused_projections(model)
         if triton is None:
             triton = triton_kernels.usable(self.weights[0][0]) and foldable is True
         self.triton = bool(triton)

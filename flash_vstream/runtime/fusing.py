@@ -1,8 +1,10 @@
 """Fusing several `nn.Linear`s that read the same input into one matrix, in place.
 
 Used by the fast decode step (q/k/v and gate/up of each LLaMA layer) and the fast CLIP encoder (q/k/v
-of each layer): one large product reads its weights closer to the memory bandwidth than three small
-ones, and costs one launch instead of three.
+of each layer), always as a step of its own (`FastPath.fuse_weights()`, `FastVisionEncoder.fuse_weights()`):
+it re-points the model's parameters, and CUDA graphs captured before it would read freed memory. One
+large product reads its weights closer to the memory bandwidth than three small ones, and costs one
+launch instead of three.
 """
 
 import torch
@@ -20,6 +22,18 @@ def _is_fused(parts, fused):
     return start == fused.shape[0]
 
 
+def fused_tensors(linears, owner, name):
+    """(weight, bias or None) of `fuse_linears(linears, owner, name)` when the modules still point into
+    them, else None. Reads only: nothing is fused here."""
+    has_bias = all(linear.bias is not None for linear in linears)
+    kinds = ("weight", "bias") if has_bias else ("weight",)
+    cached = [getattr(owner, f"{name}_{kind}", None) for kind in kinds]
+    if all(c is not None and _is_fused([getattr(linear, kind) for linear in linears], c)
+           for c, kind in zip(cached, kinds)):
+        return cached[0], cached[1] if has_bias else None
+    return None
+
+
 def fuse_linears(linears, owner, name):
     """Point these `nn.Linear`s' weights (and biases, if all have one) at consecutive row slices of one new
     tensor each -> (weight (sum of outputs, inputs), bias (sum of outputs,) or None).
@@ -33,10 +47,9 @@ def fuse_linears(linears, owner, name):
     if not has_bias and any(linear.bias is not None for linear in linears):
         raise ValueError(f"{name}: some of the layers to fuse have a bias and some do not")
     kinds = ("weight", "bias") if has_bias else ("weight",)
-    cached = [getattr(owner, f"{name}_{kind}", None) for kind in kinds]
-    if all(c is not None and _is_fused([getattr(linear, kind) for linear in linears], c)
-           for c, kind in zip(cached, kinds)):
-        return cached[0], cached[1] if has_bias else None
+    cached = fused_tensors(linears, owner, name)
+    if cached is not None:
+        return cached
     fused = []
     with torch.inference_mode(False), torch.no_grad():  # ordinary tensors: the model may be trained later
         for kind in kinds:

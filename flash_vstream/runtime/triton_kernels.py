@@ -153,7 +153,6 @@ def gemv_config(n, k):
 # (BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, num_warps, num_stages) of the fc1 kernel: the fastest of 10 on an
 # H100 for CLIP-L's fc1 at batch 256 (927 us, 596 TFLOP/s; cuBLAS + a separate QuickGELU: 1,099 us)
 LINEAR_CONFIG = (128, 256, 64, 8, 8, 3)
-_PROGRAMS = {}  # device -> programs of the persistent kernel (multiprocessors; 4 for the CPU interpreter)
 
 
 def _precision(dtype):
@@ -162,11 +161,11 @@ def _precision(dtype):
 
 
 def multiprocessors(device):
-    """How many programs the persistent fc1 kernel runs on `device` (cached: call it once before compiling)."""
-    if device not in _PROGRAMS:
-        _PROGRAMS[device] = (torch.cuda.get_device_properties(device).multi_processor_count
-                             if device.type == "cuda" else 4)
-    return _PROGRAMS[device]
+    """How many programs the persistent fc1 kernel runs on `device` (its multiprocessors; 4 for the CPU
+    interpreter). Look it up once, outside any compiled code, and pass it to `linear_quick_gelu` as
+    `programs` (`FastVisionEncoder` keeps it)."""
+    device = torch.device(device)
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
 
 
 def gemv(x, weight, norm=None, eps=0.0, gated=False, residual=None, config=None):
@@ -195,9 +194,10 @@ def gemv(x, weight, norm=None, eps=0.0, gated=False, residual=None, config=None)
     return out
 
 
-def linear_quick_gelu(x, weight, bias, config=None):
+def linear_quick_gelu(x, weight, bias, config=None, programs=None):
     """quick_gelu(x @ weight.T + bias) for x (..., K), weight (N, K), bias (N,) -> (..., N).
 
+    programs: the persistent kernel's program count (`multiprocessors(x.device)`, looked up here if None).
     K must be a multiple of the config's BLOCK_K (64 by default; CLIP's 1024 is) or a power of two below it.
     """
     _require("linear_quick_gelu")
@@ -214,7 +214,8 @@ def linear_quick_gelu(x, weight, bias, config=None):
     a = x.reshape(-1, k).contiguous()
     m = a.shape[0]
     out = torch.empty(m, n, device=x.device, dtype=x.dtype)
-    grid = min(triton.cdiv(m, block_m) * triton.cdiv(n, block_n), multiprocessors(x.device))
+    programs = multiprocessors(x.device) if programs is None else programs
+    grid = min(triton.cdiv(m, block_m) * triton.cdiv(n, block_n), programs)
     _linear_quick_gelu_kernel[(grid,)](
         TensorDescriptor.from_tensor(a, [block_m, block_k]), TensorDescriptor.from_tensor(weight, [block_n, block_k]),
         bias, TensorDescriptor.from_tensor(out, [block_m, block_n]), m, n, grid, k=k, BLOCK_M=block_m, BLOCK_N=block_n,

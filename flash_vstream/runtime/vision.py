@@ -7,9 +7,10 @@ benchmark (batched: regional `torch.compile`).
 import torch
 import torch.nn.functional as F
 
+from . import triton_kernels
 from .cuda_utils import capture_graph, sync
 from .fusing import fuse_linears
-from . import triton_kernels
+from .options import FastPathError
 from .triton_kernels import attention, linear_quick_gelu, multiprocessors, usable
 
 
@@ -23,8 +24,8 @@ class FastVisionEncoder:
     - `compile()`, for batched extraction: regional torch.compile of one layer function (one compiled
       graph shared by all layers and batch sizes >= 2) and of the embedding, which fuses the QuickGELU,
       LayerNorm and residual element-wise work into a few kernels. That path (`fused()` uncompiled)
-      also runs each layer's q/k/v projections as one product (`fusing.fuse_linears`: the tower's own
-      weights re-pointed into one matrix, no extra memory) and the patch embedding (a stride-14
+      also runs each layer's q/k/v projections as one product (`fuse_weights()`, a step of its own: the
+      tower's own weights re-pointed into one matrix, no extra memory) and the patch embedding (a stride-14
       14x14 convolution) as one matrix product over the flattened patches instead of a cuDNN
       convolution with two layout conversions (2.4 of 83 ms at batch 256 on an H100). On CUDA it
       also runs two Triton kernels (`triton_kernels`): attention that takes the class token's key
@@ -37,8 +38,10 @@ class FastVisionEncoder:
     differently, as any compiled kernel does.
     """
 
-    def __init__(self, vision_model, select_layer=-2, select_feature="patch"):
-        """Build it after the tower has its final device and dtype: it keeps views of the tower's weights."""
+    def __init__(self, vision_model, select_layer=-2, select_feature="patch", warmup_stream=None, strict=False):
+        """Build it after the tower has its final device and dtype: it keeps views of the tower's weights.
+        `warmup_stream`: the side stream `capture` warms up on (`FastPath` passes its one); `strict`: a
+        failed capture raises `FastPathError` instead of keeping the eager forward."""
         core = getattr(vision_model, "vision_model", vision_model)  # 5.x: the CLIPVisionModel itself
         self.embeddings = emb = core.embeddings
         self.pre_norm = core.pre_layrnorm
@@ -57,7 +60,8 @@ class FastVisionEncoder:
         self.act = self.layers[0].mlp.activation_fn if self.layers else None  # one activation for all layers
         self.quick_gelu = getattr(getattr(core, "config", None), "hidden_act", None) == "quick_gelu"
         self.triton = self.triton_fc1 = False  # the fused path's Triton kernels (see use_triton)
-        self._weights = None  # per layer, for the fused path: built (and q/k/v fused) at its first use
+        self._programs = None  # the fc1 kernel's program count on this device (looked up by use_triton)
+        self._weights = None  # per layer, for the fused path: built by fuse_weights()
         self.skip_cls = select_feature == "patch"
         first = next(vision_model.parameters())
         self.device, self.dtype = first.device, first.dtype
@@ -65,6 +69,8 @@ class FastVisionEncoder:
         self.compiled = False
         self.graph_error = None
         self._graph = None
+        self.warmup_stream = warmup_stream
+        self.strict = bool(strict)
 
     @staticmethod
     def _layer_weights(layer):
@@ -97,7 +103,7 @@ class FastVisionEncoder:
         hidden = hidden + F.linear(attn, *w["out"])
         x = F.layer_norm(hidden, (d,), *w["norm2"])
         if self.triton_fc1:
-            x = linear_quick_gelu(x, *w["fc1"])
+            x = linear_quick_gelu(x, *w["fc1"], programs=self._programs)
         else:
             x = self.act(F.linear(x, *w["fc1"]))
         return hidden + F.linear(x, *w["fc2"])
@@ -110,10 +116,24 @@ class FastVisionEncoder:
         out = layer(hidden, None)
         return out[0] if isinstance(out, tuple) else out
 
-    @property
-    def weights(self):
+    def fuse_weights(self):
+        """Fuse each kept layer's q/k/v into one matrix, in place (the tower's own weights re-pointed:
+        same values, same memory; idempotent). The fused path needs it; do it before any CUDA graph is
+        captured on this tower, since a graph holds the old weights' addresses."""
         if self._weights is None:
             self._weights = [self._layer_weights(layer) for layer in self.layers]
+        return self
+
+    @property
+    def fused_weights(self):
+        return self._weights is not None
+
+    @property
+    def weights(self):
+        """Per layer: the weights of the fused path (after `fuse_weights()`)."""
+        if self._weights is None:
+            raise RuntimeError("FastVisionEncoder: the fused path needs fused q/k/v weights: call fuse_weights() "
+                               "(FastPath.fuse_weights()) first")
         return self._weights
 
     def _run(self, pixels, embed, layer, per_layer):
@@ -146,9 +166,9 @@ class FastVisionEncoder:
     def compile(self, mode=None, triton=None, **options):
         """Compile the embedding and the layer function (lazily, at the first batched call).
 
-        triton: `use_triton`'s choice; None = when Triton runs on this device."""
+        triton: `use_triton`'s choice; None = when Triton runs on this device. Needs `fuse_weights()`."""
+        self.weights  # fused before, never inside the first compiled call
         self.use_triton(usable(self.patch_weight) if triton is None else triton)
-        self.weights  # fuse q/k/v now, not inside the first compiled call
         self._embed = torch.compile(self.embed, dynamic=True, mode=mode, **options)
         self._layer = torch.compile(self.layer_forward, dynamic=True, mode=mode, **options)
         self.compiled = True
@@ -168,21 +188,26 @@ class FastVisionEncoder:
         self.triton = bool(enable)
         self.triton_fc1 = self.triton and self.quick_gelu and all(
             w["fc1"][0].data_ptr() % 16 == 0 for w in self.weights)
-        if self.triton_fc1:
-            multiprocessors(self.device)  # the kernel's grid size, looked up now rather than while tracing
+        # the fc1 kernel's grid size, looked up now rather than while tracing
+        self._programs = multiprocessors(self.device) if self.triton_fc1 else None
 
     @torch.inference_mode()
     def capture(self, image_size, warmup=3):
-        """Capture the batch-1 forward into a CUDA graph; returns None or the error (then eager is used)."""
+        """Capture the batch-1 forward into a CUDA graph; returns None or the error (then eager is used;
+        `strict`: raises `FastPathError`)."""
         try:
             self._static_in = torch.randn(1, 3, image_size, image_size, device=self.device, dtype=self.dtype)
             # _static_out: (1, 256, D) in the graph's pool, rewritten by every replay
             self._graph, self._static_out = capture_graph(
-                lambda: self._run(self._static_in, self.stock_embed, self.stock_layer, self.layers), self.device, warmup)
-        except Exception as error:  # noqa: BLE001 -- any failure: keep the eager forward
+                lambda: self._run(self._static_in, self.stock_embed, self.stock_layer, self.layers), self.device,
+                warmup, stream=self.warmup_stream)
+            self.graph_error = None
+        except Exception as error:  # noqa: BLE001 -- any failure: keep the eager forward (or raise, strict)
             self._graph = None
             self.graph_error = f"{type(error).__name__}: {error}"
             sync(self.device)
+            if self.strict:
+                raise FastPathError("vision cuda_graph", self.graph_error) from error
         return self.graph_error
 
     @property

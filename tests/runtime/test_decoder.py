@@ -7,6 +7,7 @@ from flash_vstream.constants import IMAGE_TOKEN_INDEX
 from flash_vstream.demo.tiny import tiny_vstream_config
 from flash_vstream.model import VStreamLlamaForCausalLM
 from flash_vstream.runtime.decoder import GreedyDecoder, greedy_generate
+from flash_vstream.runtime.fused_decode import fuse_projections
 from support.decoding import fresh_model as _fresh_model, reference as _reference, step_logits as _step_logits
 
 
@@ -113,6 +114,7 @@ def test_fused_decode_step_equals_generate(kv_heads):
     ids, memory = torch.tensor([1, 45, IMAGE_TOKEN_INDEX, 17, 33]), torch.randn(681, 32)
     reference = _reference(model, ids, memory, 12, None)
     state = {k: v.clone() for k, v in model.state_dict().items()}
+    fuse_projections(model)  # a step of its own (FastPath.fuse_weights()), before any fused decoder
     for compiled in (False, True):
         decoder = GreedyDecoder(model, max_cache_len=768, fused_step=True, compile_step=compiled,
                                 compile_options={"backend": "eager"})
@@ -133,12 +135,14 @@ def test_fused_decode_step_equals_generate(kv_heads):
 
 @pytest.mark.parametrize("fused", [False, True])
 def test_decoder_is_freed_without_the_collector(fused):
-    """No reference cycle through the decoder: after `gc.freeze()` (the session's warm-up) a cycle would
+    """No reference cycle through the decoder: after `gc.freeze()` (the realtime CLI's, after warm-up) a cycle would
     never be collected, and a dropped decoder would keep its KV cache for good."""
     import gc
     import weakref
 
     model = _fresh_model(8)
+    if fused:
+        fuse_projections(model)
     decoder = GreedyDecoder(model, max_cache_len=256, fused_step=fused, compile_step=fused,
                             compile_options={"backend": "eager"})
     decoder.setup()
@@ -154,8 +158,6 @@ def test_decoder_is_freed_without_the_collector(fused):
 
 
 def test_fusing_is_idempotent_and_follows_reloaded_weights():
-    from flash_vstream.runtime.fused_decode import fuse_projections
-
     model = _fresh_model(5)
     first = fuse_projections(model)
     again = fuse_projections(model)

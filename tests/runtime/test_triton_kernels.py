@@ -1,4 +1,4 @@
-"""The Triton kernels of the GPU fast paths (model/triton_kernels.py), against PyTorch, in fp32.
+"""The Triton kernels of the GPU fast paths (runtime/triton_kernels.py), against PyTorch, in fp32.
 
 Without a GPU they run in Triton's interpreter (conftest.py sets TRITON_INTERPRET=1): the same kernel
 code, tile by tile in numpy, so the indexing, masking and the online softmax are checked here; speed
@@ -16,7 +16,7 @@ from support.decoding import fresh_model as _fresh_model, reference as _referenc
 from flash_vstream.constants import IMAGE_TOKEN_INDEX  # noqa: E402
 from flash_vstream.runtime import triton_kernels as tk  # noqa: E402
 from flash_vstream.runtime.decoder import GreedyDecoder  # noqa: E402
-from flash_vstream.runtime.fused_decode import FusedDecodeStep  # noqa: E402
+from flash_vstream.runtime.fused_decode import FusedDecodeStep, fuse_projections  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -97,6 +97,7 @@ def test_triton_decode_step_equals_generate(kv_heads):
     model = _fresh_model(11, num_key_value_heads=kv_heads).to(DEVICE)
     ids, memory = torch.tensor([1, 45, IMAGE_TOKEN_INDEX, 17, 33]), torch.randn(681, 32, device=DEVICE)
     reference = _reference(model, ids.to(DEVICE), memory, 8, None)
+    fuse_projections(model)
     decoder = GreedyDecoder(model, max_cache_len=768, cuda_graph=False, compile_step=False, fused_step=True,
                             triton_kernels=True)
     decoder.setup()
@@ -130,6 +131,7 @@ def test_fast_vision_encoder_with_triton_kernels(tiny_clip_dir):
     fast = FastVisionEncoder(clip, select_layer=-2, select_feature="patch")
     pixels = torch.randn(2, 3, 32, 32, device=DEVICE)
     stock = fast.eager(pixels)
+    fast.fuse_weights()
     fast.use_triton()
     assert fast.triton and fast.triton_fc1  # CLIP's QuickGELU, aligned weights: both kernels run
     torch.testing.assert_close(fast.fused(pixels), stock, rtol=1e-4, atol=1e-4)
@@ -149,5 +151,5 @@ def test_without_triton_the_kernels_say_so(monkeypatch, tiny_clip_dir):
     encoder = FastVisionEncoder(CLIPVisionModel.from_pretrained(tiny_clip_dir).eval())
     with pytest.raises(ImportError, match="Triton is not installed"):
         encoder.use_triton()
-    encoder.compile(backend="eager")  # the default on a machine without Triton: PyTorch's kernels
+    encoder.fuse_weights().compile(backend="eager")  # the default on a machine without Triton: PyTorch's kernels
     assert encoder.compiled and not encoder.triton

@@ -22,6 +22,7 @@ def test_fast_vision_encoder_paths():
     fast = FastVisionEncoder(clip, select_layer=-2, select_feature="patch")
     assert len(fast.layers) == 2
     assert torch.equal(fast.eager(pixels), stock[:, 1:]) and torch.equal(fast(pixels[:1]), one)
+    fast.fuse_weights()  # a step of its own: it re-points the tower's q/k/v weights
     fused = fast.fused(pixels)
     torch.testing.assert_close(fused, stock[:, 1:], rtol=1e-5, atol=1e-5)
     attn = fast.layers[1].self_attn
@@ -32,7 +33,7 @@ def test_fast_vision_encoder_paths():
     fast.compile(backend="eager")  # the trace alone (quick on CPU); the GPU compiles with Inductor
     assert fast.compiled and torch.equal(fast(pixels), fused)
     assert torch.equal(fast(pixels[:1]), one)  # one frame keeps the exact path
-    keep_cls = FastVisionEncoder(clip, select_layer=1, select_feature="cls_patch")
+    keep_cls = FastVisionEncoder(clip, select_layer=1, select_feature="cls_patch").fuse_weights()
     with torch.no_grad():
         torch.testing.assert_close(keep_cls.fused(pixels), clip(pixels, output_hidden_states=True).hidden_states[1],
                                    rtol=1e-5, atol=1e-5)
