@@ -62,12 +62,17 @@ def session_source(state, body):
                 "_open": {"video_file": path, "play_speed": speed}}
     if kind == "url":
         url = inputs.remote_url(source.get("url"), s.allow_remote_sources)
-        return {"type": "url", "url": url, "_open": {"video_source": url, "play_speed": 0}}
+        live = source.get("live", True)
+        if not isinstance(live, bool):
+            raise SessionError(400, "invalid_request", "'source.live' must be true or false")
+        return {"type": "url", "url": url, "live": live,
+                "_open": {"video_source": url, "play_speed": 0, "end_is_failure": live}}
     if kind == "camera":
         index = source.get("index", 0)
         if isinstance(index, bool) or not isinstance(index, int) or index < 0:
             raise SessionError(400, "invalid_request", "'source.index' must be a camera index >= 0")
-        return {"type": "camera", "index": index, "_open": {"video_source": str(index), "play_speed": 0}}
+        return {"type": "camera", "index": index,
+                "_open": {"video_source": str(index), "play_speed": 0, "end_is_failure": True}}
     raise SessionError(400, "invalid_source", "'source.type' must be one of push, file, url, camera")
 
 

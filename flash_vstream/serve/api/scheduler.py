@@ -301,6 +301,9 @@ class Engine:
         """The reader thread of a file / url / camera session: decode, pace, feed the inbox."""
         play_speed = float(open_kwargs.pop("play_speed", 1.0))
         max_frames = open_kwargs.pop("max_frames_limit", None)
+        # a live stream has no natural end: a camera or stream URL that stops sending (a killed server reads as
+        # a clean end of stream) fails its session; a URL the client marked `"live": false` may end
+        end_fails = open_kwargs.pop("end_is_failure", False)
         try:
             factory = open_kwargs.pop("frames", None)  # a callable giving (frame, t) (a one-shot's media)
             if factory is not None:
@@ -328,6 +331,9 @@ class Engine:
                         return
             finally:
                 frames.close()
+            if end_fails and not session.closed:
+                raise SessionError(502, "source_stopped", f"the live source stopped after {produced} frames "
+                                   "(end of stream: the connection closed or the source stopped sending)")
             with self._lock:
                 session.source_done = True
                 self._maybe_finish_locked(session)
