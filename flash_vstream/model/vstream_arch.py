@@ -8,7 +8,7 @@ import torch
 
 from ..constants import IMAGE_TOKEN_INDEX
 from ..mm_utils import expand_image_tokens, process_images
-from .memory import SemanticAttention, STARMemory
+from .memory import SemanticAttention, STARMemory, abstract_memory
 from .multimodal_encoder.builder import build_vision_tower
 from .multimodal_projector.builder import build_vision_projector
 
@@ -89,13 +89,25 @@ class VStreamMetaForCausalLM:
             tokens.append(memory.read())  # (N_i, D)
         return tokens
 
-    def memory_tokens(self, features=None, images=None, memory=None):
-        """Exactly one of features / images / memory (precomputed tokens) -> list of (N_i, D)."""
-        given = [x is not None for x in (features, images, memory)]
+    def finish_memory(self, frozen_memory):
+        """list of `memory.frozen_memory` dicts (built by the data loader's workers) -> list of (N_i, D).
+
+        Only the Semantic Attention runs here, batched over the samples: the training path with
+        the memory build off the step's critical path (`--memory_build dataloader`).
+        """
+        dtype = self.get_model().mm_projector_dtype()
+        frozen = [{k: v.to(dtype) if k == "tokens" else v for k, v in f.items()} for f in frozen_memory]
+        return abstract_memory(frozen, self.get_model().attention_model, self.config)
+
+    def memory_tokens(self, features=None, images=None, memory=None, frozen_memory=None):
+        """Exactly one of features / images / memory (precomputed tokens) / frozen_memory -> list of (N_i, D)."""
+        given = [x is not None for x in (features, images, memory, frozen_memory)]
         if sum(given) > 1:
-            raise ValueError("pass only one of features=, images=, memory=")
+            raise ValueError("pass only one of features=, images=, memory=, frozen_memory=")
         if memory is not None:
             return list(memory)
+        if frozen_memory is not None:
+            return self.finish_memory(frozen_memory)
         if images is not None:
             features = self.encode_images(images)
         if features is not None:

@@ -4,6 +4,11 @@ Records: `{id, image | video, conversations: [{from: human|gpt, value}], time?}`
 records have neither media key. `time` (seconds) cuts a video at a question time (frames with
 timestamp <= time). Media are read raw (decoded at `video_fps`, CLIP-preprocessed) or as
 pre-extracted features (`.safetensors`), chosen by the explicit `use_features` option.
+
+`memory_build="dataloader"` (feature mode) builds the weight-free part of each sample's STAR memory
+here, in the data loader's workers (`memory.frozen_memory`), so that the training step runs only the
+Semantic Attention; `"forward"` hands the features to the model, which builds the whole memory per
+sample in its forward pass (the baseline). Raw media are always encoded and built in forward.
 """
 
 import json
@@ -18,11 +23,12 @@ from torch.utils.data import Dataset
 from ..constants import DEFAULT_IMAGE_TOKEN, IGNORE_INDEX
 from ..conversation import conversation_from_record
 from ..mm_utils import expand_image_tokens, process_images, tokenize_conversation, truncate_keeping_memory
-from ..model.memory import memory_num_tokens
-from ..video_io import (FeatureLoadError, VideoReadError, feature_file_for, load_features, load_image, read_frames,
-                        valid_feature_file)
+from ..model.memory import frozen_memory, memory_num_tokens
+from ..features import FeatureLoadError, feature_file_for, load_features, valid_feature_file
+from ..video_io import VideoReadError, load_image, read_frames
 
 logger = logging.getLogger(__name__)
+MEMORY_BUILDS = ("forward", "dataloader")
 
 
 class SampleError(RuntimeError):
@@ -48,7 +54,7 @@ class LazySupervisedDataset(Dataset):
 
     def __init__(self, data_path, tokenizer, model_config, template, image_folder=None, video_folder=None,
                  use_features=False, image_processor=None, image_aspect_ratio="pad", video_fps=1.0,
-                 model_max_length=2048, skip_bad_samples=False):
+                 model_max_length=2048, skip_bad_samples=False, memory_build="forward", memory_dtype=None):
         self.data_path = data_path
         self.tokenizer = tokenizer
         self.config = model_config
@@ -61,6 +67,10 @@ class LazySupervisedDataset(Dataset):
         self.video_fps = video_fps
         self.model_max_length = model_max_length
         self.skip_bad_samples = skip_bad_samples
+        if memory_build not in MEMORY_BUILDS:
+            raise ValueError(f"memory_build must be one of {MEMORY_BUILDS}, got {memory_build!r}")
+        self.memory_build = memory_build
+        self.memory_dtype = memory_dtype  # the model's projector dtype: features are cast to it first, as in forward
         self.skipped = []
         records = load_records(data_path)
         if not use_features and image_processor is None and any(self._media(r) for r in records):
@@ -151,10 +161,18 @@ class LazySupervisedDataset(Dataset):
         if media is not None:
             key, tensor = self._load_media(record)
             input_ids, labels = expand_image_tokens(input_ids, memory_num_tokens(len(tensor), self.config), labels)
-            item[key] = tensor
+            item.update(self._media_item(key, tensor))
         input_ids, labels = truncate_keeping_memory(input_ids, labels, self.model_max_length, source=name)
         item.update(input_ids=input_ids, labels=labels)
         return item
+
+    def _media_item(self, key, tensor):
+        """{"features": (T, 256, D)} / {"images": (T, 3, H, W)}, or {"frozen_memory": dict} (memory_build dataloader)."""
+        if key != "features" or self.memory_build != "dataloader":
+            return {key: tensor}
+        if self.memory_dtype is not None:
+            tensor = tensor.to(self.memory_dtype)
+        return {"frozen_memory": frozen_memory(tensor, self.config, seed=0)}  # the seed build_memory uses
 
     @property
     def modality_lengths(self):
@@ -184,7 +202,7 @@ class DataCollatorForSupervisedDataset:
             n = len(x["input_ids"])
             ids[i, :n], labels[i, :n], mask[i, :n] = x["input_ids"], x["labels"], 1
         batch = {"input_ids": ids, "labels": labels, "attention_mask": mask}
-        for key in ("features", "images"):
+        for key in ("features", "images", "frozen_memory"):
             media = [x[key] for x in instances if key in x]
             if media:
                 batch[key] = media

@@ -58,6 +58,9 @@ class DataArguments:
     image_aspect_ratio: str = None
     video_fps: float = None
     skip_bad_samples: bool = field(default=False, metadata={"help": "skip (and count) records with bad media"})
+    memory_build: str = field(default="dataloader", metadata={
+        "help": "dataloader: the weight-free part of the STAR memory in the data loader's workers (feature mode), "
+                "the Semantic Attention batched in forward; forward: the whole memory per sample in forward (baseline)"})
     lazy_preprocess: bool = field(default=True, metadata={"help": "accepted; data is always read lazily"})
     is_multimodal: bool = field(default=True, metadata={"help": "accepted for the published scripts"})
 
@@ -80,6 +83,10 @@ class TrainingArguments(transformers.TrainingArguments):
     optim: str = "adamw_torch"
     remove_unused_columns: bool = False
     warmup_ratio: float = field(default=0.0, metadata={"help": "warmup as a fraction of the total steps"})
+    trained_weights_fp32: bool = field(default=False, metadata={
+        "help": "keep the trained weights (and so their grads and Adam states) in fp32 under --bf16/--fp16 autocast: "
+                "mixed precision without DeepSpeed; frozen weights stay in the compute dtype"})
+    compile_decoder_layers: bool = field(default=False, metadata={"help": "torch.compile each LLaMA decoder layer"})
 
     def __post_init__(self):
         # transformers >= 5.20 folded --warmup_ratio into a fractional --warmup_steps.
@@ -173,11 +180,24 @@ def build_model(model_args, data_args, training_args):
     if model_args.pretrain_mm_mlp_adapter:
         load_adapter_weights(model, model_args.pretrain_mm_mlp_adapter)
     set_trainable(model, model_args, training_args)
+    if training_args.trained_weights_fp32:
+        keep_trained_weights_fp32(model)
     if training_args.gradient_checkpointing:
         model.enable_input_require_grads()
+    if training_args.compile_decoder_layers:
+        for layer in model.get_model().layers:
+            layer.compile()  # one graph serves every layer: parameters are graph inputs, not constants
     if training_args.lora_enable:
         model = apply_lora(model, training_args)
     return model, tower
+
+
+def keep_trained_weights_fp32(model):
+    """fp32 master weights for what trains: the HF Trainer then runs the forward under autocast, and the
+    grads and AdamW states of those weights are fp32 too (bf16 weights would lose lr-sized updates)."""
+    for param in model.parameters():
+        if param.requires_grad:
+            param.data = param.data.float()
 
 
 def build_tokenizer(model_args, training_args):
@@ -221,7 +241,8 @@ def train(argv=None, callbacks=None):
         video_folder=data_args.video_folder, use_features=data_args.use_features,
         image_processor=tower.image_processor, image_aspect_ratio=config.image_aspect_ratio,
         video_fps=config.video_fps, model_max_length=training_args.model_max_length,
-        skip_bad_samples=data_args.skip_bad_samples)
+        skip_bad_samples=data_args.skip_bad_samples, memory_build=data_args.memory_build,
+        memory_dtype=(model.get_base_model() if training_args.lora_enable else model).get_model().mm_projector_dtype())
     trainer = VStreamTrainer(model=model, args=training_args, train_dataset=dataset,
                              data_collator=DataCollatorForSupervisedDataset(tokenizer.pad_token_id),
                              callbacks=callbacks)

@@ -35,17 +35,18 @@ class VStreamLlamaForCausalLM(VStreamMetaForCausalLM, LlamaPreTrainedModel, Gene
         return self.model
 
     def forward(self, input_ids=None, attention_mask=None, inputs_embeds=None, labels=None,
-                features=None, images=None, memory=None, logits_to_keep=0, **kwargs):
+                features=None, images=None, memory=None, frozen_memory=None, logits_to_keep=0, **kwargs):
         """Causal-LM forward; `input_ids` may hold expanded `<image>` positions (-200).
 
         `features` (list of (T, 256, D)), `images` (list of (T, 3, H, W)) or `memory` (list of
-        (N, D) memory tokens) supply what those positions become. Cache arguments pass through.
+        (N, D) memory tokens) supply what those positions become; in training `frozen_memory` (list of
+        `memory.frozen_memory` dicts) instead. Cache arguments pass through.
         """
-        media_given = any(x is not None for x in (features, images, memory))
+        media_given = any(x is not None for x in (features, images, memory, frozen_memory))
         # Decode steps (one new token, no media) skip the splice and its host sync.
         if inputs_embeds is None and (media_given or self.training or input_ids.shape[1] > 1
                                       and bool((input_ids == IMAGE_TOKEN_INDEX).any())):
-            tokens = self.memory_tokens(features=features, images=images, memory=memory)
+            tokens = self.memory_tokens(features=features, images=images, memory=memory, frozen_memory=frozen_memory)
             inputs_embeds = self.embed_with_memory(input_ids, tokens)
             input_ids = None
         outputs = self.model(input_ids=input_ids, attention_mask=attention_mask, inputs_embeds=inputs_embeds,
