@@ -176,6 +176,21 @@ def create_app(state):
     async def get_session(session_id: str):
         return state.engine.get(session_id).describe()
 
+    @app.get("/v1/sessions/{session_id}/memory")
+    async def session_memory(session_id: str):
+        """What the memory holds now: the times of its temporal centroids (with the frames each stands for
+        and their span), retrieved and spatial frames -- the page draws its timeline from this."""
+        session = state.engine.get(session_id)
+        snapshot = session.stream.snapshot()
+        if snapshot is None:
+            return {"object": "session.memory", "frames_seen": 0, "stream_time": 0.0, "memory_tokens": 0,
+                    "timestamps": {"temporal": [], "retrieved": [], "spatial": []}, "temporal_weights": [],
+                    "temporal_spans": []}
+        return {"object": "session.memory", "frames_seen": snapshot.frames_seen,
+                "stream_time": snapshot.stream_time, "memory_tokens": snapshot.num_tokens,
+                "timestamps": snapshot.timestamps, "temporal_weights": list(snapshot.temporal_weights),
+                "temporal_spans": [list(span) for span in snapshot.temporal_spans]}
+
     @app.delete("/v1/sessions/{session_id}")
     async def delete_session(session_id: str):
         session = await asyncio.to_thread(state.engine.delete, session_id)
