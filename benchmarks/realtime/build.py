@@ -82,7 +82,7 @@ class Bench:
     model: object = None
     tokenizer: object = None
     tower: object = None  # stock CLIPVisionTower
-    fast_path: FastPath = None  # builds every decoder and the fast encoder timed (strict with --strict)
+    fast_path: FastPath = None  # builds every decoder and the fast encoder timed (strict unless --no-strict)
     fast_vision: FastVisionEncoder = None
     decoder: GreedyDecoder = None  # the one the decode section found fastest
     prompt_ids: torch.Tensor = None  # (L,) on the CPU, one <image>
@@ -142,8 +142,8 @@ def new_decoder(b, memory_tokens, cuda_graph, compile_step, fused_step=None, tri
 
 def new_fast_path(b):
     """The fast path over the bench's model and tower: its options resolved once (logged, and in the build
-    section), its weights fused as an announced step before anything is captured. With --strict a part
-    that cannot run raises (its section fails, naming what and why) instead of falling back."""
+    section), its weights fused as an announced step before anything is captured. Strict by default: a part
+    that cannot run raises (its section fails, naming what and why); --no-strict falls back and notes it."""
     cuda = b.device.type == "cuda"
     compile_clip = b.args.clip_compile == "on" or (b.args.clip_compile == "auto" and cuda)
     options = FastPathOptions(enabled=True, compile_decode="auto" if b.args.decode_compile != "off" else False,

@@ -133,3 +133,9 @@ def test_sections_leave_the_collector_alone(tmp_path):
     assert streaming["status"] == "ok", streaming.get("error")
     assert gc.get_freeze_count() == frozen
     assert all("gc_full_collection_ms" not in p for p in streaming["positions"])
+
+
+def test_strict_is_the_default(tmp_path):
+    """The benchmark runs the fast path strict (a part that cannot run fails its section) unless --no-strict."""
+    assert bench.parse_args(["--output-dir", str(tmp_path)]).strict is True
+    assert bench.parse_args(["--output-dir", str(tmp_path), "--no-strict"]).strict is False
