@@ -6,7 +6,6 @@ plus that adapter (`--pretrain_mm_mlp_adapter`) and trains everything but the vi
 LoRA adapters with `--lora_enable`.
 """
 
-import pathlib
 from dataclasses import dataclass, field, fields
 
 import torch
@@ -15,6 +14,7 @@ from transformers import AutoTokenizer, CLIPVisionConfig
 
 from ..model import VStreamConfig, VStreamLlamaForCausalLM
 from ..model.builder import NON_LORA_FILE, load_adapter_weights, model_type_of
+from .checkpointing import resolve_auto, staged_outputs
 from .dataset import DataCollatorForSupervisedDataset, LazySupervisedDataset
 from .vstream_trainer import VStreamTrainer, save_adapter
 
@@ -209,30 +209,37 @@ def build_tokenizer(model_args, training_args):
 
 
 def save_outputs(trainer, model, tokenizer, config, training_args):
-    """Stage 1: mm_projector.bin + config. LoRA: adapter + non-LoRA trainables. Else: full model."""
-    out = training_args.output_dir
+    """Stage 1: mm_projector.bin + config. LoRA: adapter + non-LoRA trainables. Else: full model.
+
+    Written into a staging folder and moved into output_dir one rename per file: a kill leaves
+    each file whole or absent (a restart with `--resume_from_checkpoint auto` writes them again).
+    """
     main = training_args.should_save
-    if training_args.tune_mm_mlp_adapter:
-        save_adapter(model, out, main)
-        if main:
-            config.save_pretrained(out)
-    elif training_args.lora_enable:
-        base = model.get_base_model()
-        save_adapter(model, out, main, filename=NON_LORA_FILE)
-        if main:
-            model.save_pretrained(out)
-            base.config.save_pretrained(out)
-            tokenizer.save_pretrained(out)
-    else:
-        trainer.save_model(out)
-        if main:
-            tokenizer.save_pretrained(out)
+    with staged_outputs(training_args.output_dir, main, trainer.accelerator.wait_for_everyone) as out:
+        if training_args.tune_mm_mlp_adapter:
+            save_adapter(model, out, main)
+            if main:
+                config.save_pretrained(out)
+        elif training_args.lora_enable:
+            base = model.get_base_model()
+            save_adapter(model, out, main, filename=NON_LORA_FILE)
+            if main:
+                model.save_pretrained(out)
+                base.config.save_pretrained(out)
+                tokenizer.save_pretrained(out)
+        else:
+            trainer.save_model(out)
+            if main:
+                tokenizer.save_pretrained(out)
 
 
 def train(argv=None, callbacks=None):
     """Run one stage from command-line flags; `callbacks`: extra `TrainerCallback`s (benchmarks, logging)."""
     model_args, data_args, training_args = parse_args(argv)
     init_deepspeed_comm(training_args)
+    # Seeded before the build: weights the checkpoint lacks (a stage-1 adapter, LoRA) start from --seed,
+    # so a run and its rerun (or a killed run and the reference it must match) start alike.
+    transformers.set_seed(training_args.seed)
     model, tower = build_model(model_args, data_args, training_args)
     config = (model.get_base_model() if training_args.lora_enable else model).config
     tokenizer = build_tokenizer(model_args, training_args)
@@ -247,8 +254,8 @@ def train(argv=None, callbacks=None):
                              data_collator=DataCollatorForSupervisedDataset(tokenizer.pad_token_id),
                              callbacks=callbacks)
     resume = training_args.resume_from_checkpoint
-    if resume == "auto":  # pick up the newest checkpoint-* of output_dir, if any
-        resume = bool(list(pathlib.Path(training_args.output_dir).glob("checkpoint-*"))) or None
+    if resume == "auto":  # the newest complete checkpoint-N of output_dir, if any (incomplete ones: skipped, removed)
+        resume = resolve_auto(training_args.output_dir, clean=training_args.should_save)
     trainer.train(resume_from_checkpoint=resume)
     config.use_cache = True
     save_outputs(trainer, model, tokenizer, config, training_args)

@@ -1,12 +1,17 @@
-"""`VStreamTrainer`: HF `Trainer` plus a modality-grouped length sampler and the stage-1 adapter save."""
+"""`VStreamTrainer`: HF `Trainer` plus a modality-grouped length sampler, the stage-1 adapter save,
+and checkpoints that a kill never leaves half written (see `checkpointing`)."""
 
 import os
+import shutil
 
 import torch
 from torch.utils.data import Sampler
 from transformers import Trainer
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from ..model.builder import ADAPTER_FILE, ADAPTER_PREFIXES
+from ..utils.files import atomic_path
+from .checkpointing import CheckpointWriteCallback, publish, rotate, seal, staging_root
 
 
 def _gathered(params):
@@ -40,8 +45,8 @@ def adapter_state_dict(model):
 def save_adapter(model, output_dir, is_main, filename=ADAPTER_FILE):
     state = adapter_state_dict(model)  # every rank takes part in a ZeRO-3 gather
     if is_main:
-        os.makedirs(output_dir, exist_ok=True)
-        torch.save(state, os.path.join(output_dir, filename))
+        with atomic_path(os.path.join(output_dir, filename)) as tmp:  # the old file or the new one, never half
+            torch.save(state, tmp)
 
 
 class ModalityLengthGroupedSampler(Sampler):
@@ -77,6 +82,8 @@ class ModalityLengthGroupedSampler(Sampler):
 
 
 class VStreamTrainer(Trainer):
+    _staging_root = None  # set while `_save_checkpoint` runs: where the Trainer's own save writes
+
     def _get_train_sampler(self, *args, **kwargs):
         if self.train_dataset is None or not self.args.group_by_modality_length:
             return super()._get_train_sampler(*args, **kwargs)
@@ -84,9 +91,35 @@ class VStreamTrainer(Trainer):
             self.train_dataset.modality_lengths, self.args.train_batch_size,
             self.args.world_size, seed=self.args.seed)
 
+    def _get_output_dir(self, trial):
+        # During a save the Trainer's `_save_checkpoint` writes `<this>/checkpoint-N`: the staging root.
+        return self._staging_root or super()._get_output_dir(trial)
+
     def _save_checkpoint(self, model, trial, *args, **kwargs):
-        # Full Trainer checkpoints keep resume exact; stage 1 also drops its adapter beside them.
-        super()._save_checkpoint(model, trial, *args, **kwargs)
+        """Write `checkpoint-N` whole or not at all: the Trainer's full checkpoint (resume stays exact:
+        optimizer, scheduler, RNG and data position) and, in stage 1, the adapter beside it, all staged
+        under `.incomplete/`, sealed with a completion marker, then renamed into place."""
+        run_dir = super()._get_output_dir(trial)
+        name = f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+        staged = os.path.join(staging_root(run_dir), name)
+        if self.args.should_save:
+            shutil.rmtree(staged, ignore_errors=True)  # a killed save of the same step
+        self.accelerator.wait_for_everyone()
+        self._staging_root = staging_root(run_dir)
+        try:
+            super()._save_checkpoint(model, trial, *args, **kwargs)
+        finally:
+            self._staging_root = None
+        for callback in self.callback_handler.callbacks:
+            if isinstance(callback, CheckpointWriteCallback):
+                callback.on_checkpoint_writing(self.args, self.state, self.control, folder=staged)
         if self.args.tune_mm_mlp_adapter:
-            folder = os.path.join(self.args.output_dir, f"checkpoint-{self.state.global_step}")
-            save_adapter(self.model, folder, self.args.should_save)
+            save_adapter(self.model, staged, self.args.should_save)
+        self.accelerator.wait_for_everyone()  # every rank's files are in before the seal
+        if self.args.should_save:
+            seal(staged, self.state.global_step)
+            final = os.path.join(run_dir, name)
+            publish(staged, final)
+            if self.state.best_model_checkpoint == staged:
+                self.state.best_model_checkpoint = final
+            rotate(run_dir, self.args.save_total_limit, keep=self.state.best_model_checkpoint)

@@ -1,0 +1,244 @@
+"""Resume that loses nothing: a stage-1 run killed with SIGKILL between checkpoints, in the middle
+of writing one, or restarted over a half-written `checkpoint-*` folder, and then restarted with
+`--resume_from_checkpoint auto`, ends with the same weights (torch.equal) and the same per-step
+loss log as an uninterrupted run (CPU, fp32, tiny model).
+
+Each run is its own process, forked by a "zygote" (this file run as `python test_resume.py`) that
+has imported the training code once, so a run starts in milliseconds rather than the seconds the
+imports take. A run to be killed blocks at a known point (`BlockAt`) and says so through a signal
+file; the test then sends it SIGKILL.
+"""
+
+import json
+import os
+import select
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import traceback
+
+import pytest
+import torch
+
+from flash_vstream.train.checkpointing import MARKER, STAGING, CheckpointWriteCallback
+
+MAX_STEPS, SAVE_STEPS = 8, 3  # 10 records, batch 2: 5 steps an epoch; checkpoints 3, 6 (epoch 1), 8
+
+
+class BlockAt(CheckpointWriteCallback):
+    """Blocks the run at step `step`, writes the signal file and waits to be killed: `where="step"`
+    right after that step's update (between checkpoints), `where="save"` inside that step's save."""
+
+    def __init__(self, step, where, signal_file):
+        self.step, self.where, self.signal_file = step, where, signal_file
+
+    def _block(self, state):
+        if state.global_step == self.step:
+            with open(self.signal_file, "w") as f:
+                f.write(str(os.getpid()))
+            while True:
+                time.sleep(60)
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.where == "step":
+            self._block(state)
+
+    def on_checkpoint_writing(self, args, state, control, folder, **kwargs):
+        if self.where == "save":
+            self._block(state)
+
+
+def _run_child(request):
+    """One run in a forked process: stdout and stderr to the log, the log history to output_dir."""
+    from flash_vstream.train.train import train
+
+    fd = os.open(request["log"], os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+    os.dup2(fd, 1)
+    os.dup2(fd, 2)
+    code = 1
+    try:
+        block = request.get("block")
+        trainer = train(request["flags"], callbacks=[BlockAt(**block)] if block else None)
+        with open(os.path.join(trainer.args.output_dir, "log_history.json"), "w") as f:
+            json.dump(trainer.state.log_history, f)
+        code = 0
+    except BaseException:
+        traceback.print_exc()
+    finally:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+
+
+def _zygote():
+    """Import once, then per request line (JSON) fork a run; answer its pid, then its exit code."""
+    import flash_vstream.train.train  # noqa: F401  (no tensor op has run: forking is safe)
+
+    print("ready", flush=True)
+    for line in sys.stdin:
+        pid = os.fork()
+        if pid == 0:
+            _run_child(json.loads(line))
+        print(pid, flush=True)
+        _, status = os.waitpid(pid, 0)
+        print(os.waitstatus_to_exitcode(status), flush=True)
+
+
+class Zygote:
+    def __init__(self):
+        self.process = subprocess.Popen([sys.executable, os.path.abspath(__file__)], stdin=subprocess.PIPE,
+                                        stdout=subprocess.PIPE, text=True)
+        assert self._answer(120) == "ready"
+
+    def _answer(self, timeout):
+        ready, _, _ = select.select([self.process.stdout], [], [], timeout)
+        assert ready, f"no answer from the zygote in {timeout} s"
+        return self.process.stdout.readline().strip()
+
+    def run(self, flags, log, block_at=None, where=None, timeout=300):
+        """Run to the end, or (block_at) until the run blocks there, then SIGKILL it. Returns the log."""
+        signal_file = f"{log}.signal"
+        request = {"flags": flags, "log": str(log)}
+        if block_at is not None:
+            request["block"] = {"step": block_at, "where": where, "signal_file": signal_file}
+        self.process.stdin.write(json.dumps(request) + "\n")
+        self.process.stdin.flush()
+        pid = int(self._answer(30))
+        if block_at is not None:
+            deadline = time.monotonic() + timeout
+            while not os.path.exists(signal_file) and time.monotonic() < deadline:
+                ready, _, _ = select.select([self.process.stdout], [], [], 0.05)
+                assert not ready, f"the run ended before blocking at step {block_at}:\n{open(log).read()[-3000:]}"
+            os.kill(pid, signal.SIGKILL)
+        code = int(self._answer(timeout))
+        output = open(log).read()
+        assert code == (-signal.SIGKILL if block_at is not None else 0), output[-3000:]
+        return output
+
+    def close(self):
+        self.process.stdin.close()
+        self.process.wait(timeout=60)
+
+
+@pytest.fixture(scope="module")
+def runs():
+    zygote = Zygote()
+    yield zygote
+    zygote.close()
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory, tiny_tokenizer_dir, tiny_clip_dir):
+    """A tiny LLM, features of two images and two videos (CLIP width 32) and 10 records."""
+    from flash_vstream.demo.tiny import build_tiny_llama
+    from flash_vstream.features import save_features
+
+    root = tmp_path_factory.mktemp("resume")
+    build_tiny_llama(str(root / "llm"), tiny_tokenizer_dir, hidden_size=32, num_layers=1, num_heads=2, seed=0)
+    gen = torch.Generator().manual_seed(0)
+    records = []
+    for name in ("red", "blue"):
+        save_features(str(root / "features" / f"{name}.safetensors"), torch.randn(12, 256, 32, generator=gen), {"fps": 1})
+        save_features(str(root / "features" / f"{name}_image.safetensors"), torch.randn(256, 32, generator=gen), {})
+        for kind, rel in (("video", f"{name}.mp4"), ("image", f"{name}_image.png")):
+            records.append({"id": f"{kind}-{name}", kind: rel, "conversations": [
+                {"from": "human", "value": "what colour is the background? <image>"}, {"from": "gpt", "value": name}]})
+    records.append({"id": "text", "conversations": [{"from": "human", "value": "say yes"},
+                                                    {"from": "gpt", "value": "yes"}]})
+    (root / "data.json").write_text(json.dumps(records * 2))
+    return root
+
+
+def _flags(workdir, out, clip):
+    return ["--model_name_or_path", str(workdir / "llm"), "--vision_tower", clip, "--version", "plain",
+            "--tune_mm_mlp_adapter", "True", "--data_path", str(workdir / "data.json"), "--use_features", "True",
+            "--image_folder", str(workdir / "features"), "--video_folder", str(workdir / "features"),
+            "--output_dir", str(out), "--per_device_train_batch_size", "2", "--learning_rate", "5e-3",
+            "--lr_scheduler_type", "cosine", "--warmup_steps", "2", "--max_steps", str(MAX_STEPS),
+            "--save_strategy", "steps", "--save_steps", str(SAVE_STEPS), "--logging_steps", "1",
+            "--report_to", "none", "--dataloader_num_workers", "0", "--seed", "0",
+            "--group_by_modality_length", "True", "--video_long_memory_length", "4",
+            "--video_Turing_memory_length", "4", "--resume_from_checkpoint", "auto", "--disable_tqdm", "True"]
+
+
+def _losses(out):
+    """The per-step log: step, loss, grad norm, learning rate, epoch."""
+    history = json.loads((out / "log_history.json").read_text())
+    return [h for h in history if "loss" in h]
+
+
+def _assert_same_run(out, reference):
+    adapter = torch.load(out / "mm_projector.bin", weights_only=True)
+    expected = torch.load(reference / "mm_projector.bin", weights_only=True)
+    assert adapter.keys() == expected.keys()
+    assert all(torch.equal(adapter[k], expected[k]) for k in expected), "the weights differ"
+    assert _losses(out) == _losses(reference)
+    assert [h["step"] for h in _losses(out)] == list(range(1, MAX_STEPS + 1))
+    assert not (out / STAGING).exists()
+
+
+@pytest.fixture(scope="module")
+def reference(workdir, tiny_clip_dir, runs):
+    """The uninterrupted run."""
+    out = workdir / "reference"
+    runs.run(_flags(workdir, out, tiny_clip_dir), workdir / "reference.log")
+    return out
+
+
+def test_uninterrupted_run_leaves_sealed_checkpoints(reference):
+    assert sorted(p.name for p in reference.glob("checkpoint-*")) == ["checkpoint-3", "checkpoint-6", "checkpoint-8"]
+    for step in (3, 6, 8):
+        marker = json.loads((reference / f"checkpoint-{step}" / MARKER).read_text())
+        assert marker["global_step"] == step
+        assert {"trainer_state.json", "optimizer.pt", "rng_state.pth", "mm_projector.bin"} <= set(marker["files"])
+    assert not (reference / STAGING).exists()
+    losses = [h["loss"] for h in _losses(reference)]
+    assert len(losses) == MAX_STEPS and len(set(losses)) > 1
+
+
+def test_kill_between_checkpoints_then_auto_resume(workdir, tiny_clip_dir, reference, runs, tmp_path):
+    out = tmp_path / "run"
+    flags = _flags(workdir, out, tiny_clip_dir)
+    runs.run(flags, tmp_path / "killed.log", block_at=7, where="step")  # after checkpoint-6 (epoch 1), before 8
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-3", "checkpoint-6"]
+    assert not (out / "mm_projector.bin").exists()
+    stamp = (out / "checkpoint-6" / MARKER).stat().st_mtime_ns
+    runs.run(flags, tmp_path / "resumed.log")
+    assert (out / "checkpoint-6" / MARKER).stat().st_mtime_ns == stamp  # resumed from it, not rerun
+    _assert_same_run(out, reference)
+
+
+def test_kill_while_a_checkpoint_is_written_then_auto_resume(workdir, tiny_clip_dir, reference, runs, tmp_path):
+    out = tmp_path / "run"
+    flags = _flags(workdir, out, tiny_clip_dir)
+    runs.run(flags, tmp_path / "killed.log", block_at=6, where="save")
+    # The kill landed inside the save of step 6: its files are staged, not in place, and not sealed.
+    staged = out / STAGING / "checkpoint-6"
+    assert (staged / "optimizer.pt").exists() and not (staged / MARKER).exists()
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-3"]
+    log = runs.run(flags, tmp_path / "resumed.log")
+    assert "killed saves left (checkpoint-6)" in log
+    _assert_same_run(out, reference)
+    assert (out / "checkpoint-6" / MARKER).exists()
+
+
+def test_half_written_checkpoint_folder_is_skipped_and_removed(workdir, tiny_clip_dir, reference, runs, tmp_path):
+    """What a kill during a save left before this change: `checkpoint-6` with its weights and no state.
+    `auto` used to pick it, and every restart failed with "Can't find a valid checkpoint"."""
+    out = tmp_path / "run"
+    out.mkdir()
+    shutil.copytree(reference / "checkpoint-3", out / "checkpoint-3")
+    half = out / "checkpoint-6"
+    half.mkdir()
+    shutil.copy(reference / "checkpoint-6" / "config.json", half / "config.json")
+    (half / "model.safetensors").write_bytes((reference / "checkpoint-6" / "model.safetensors").read_bytes()[:1000])
+    log = runs.run(_flags(workdir, out, tiny_clip_dir), tmp_path / "resumed.log")
+    assert f"{half} is an incomplete checkpoint (no completion marker): skipped, removed" in log
+    _assert_same_run(out, reference)
+    assert (out / "checkpoint-6" / MARKER).exists()  # written again by the resumed run
+
+
+if __name__ == "__main__":
+    _zygote()
