@@ -15,7 +15,7 @@ H100 against a memory-bandwidth limit near 240; this decoder: 193, see docs/benc
    is what failed in transformers' own static-cache path) so that RMSNorm, RoPE, SiLU-gating and the
    residual adds become a few fused kernels instead of ~40 small ones per layer; the compiled step
    is captured into the same kind of graph;
-   on CUDA the step is `FusedDecodeStep` (model/fused_decode.py): the same layer arithmetic over fused
+   on CUDA the step is `FusedDecodeStep` (fused_decode.py): the same layer arithmetic over fused
    q/k/v and gate/up weights, four matrix-vector products per layer instead of seven (+7%), each a
    Triton kernel with the layer's RMSNorms, SiLU gating and residual adds folded in (+15%);
 4. a kept prefix: `cache_prefix` runs the prompt through `<image>` (system text + memory, ~720 tokens)

@@ -5,8 +5,9 @@ matrix: the step is bound by memory bandwidth, and the small ones (4096 x 4096, 
 less of it than the large ones. `fuse_projections` stores q/k/v as one (3 * 4096, 4096) matrix and
 gate/up as one (2 * 11008, 4096) matrix and points the model's own `nn.Linear` weights at row slices
 of them: the same values and the same memory, every other code path (prefill, `generate`, training)
-unchanged; `FastPath.fuse_weights()` does it, as a step of its own. `FusedDecodeStep` then runs a layer as four products instead of seven, on CUDA as Triton
-matrix-vector kernels with the RMSNorms, SiLU gating and residual adds folded in (triton_kernels.py).
+unchanged; `FastPath.fuse_weights()` does it, as a step of its own. `FusedDecodeStep` then runs a
+layer as four products instead of seven, on CUDA as Triton matrix-vector kernels with the RMSNorms,
+SiLU gating and residual adds folded in (triton_kernels.py).
 
 It reads and writes the K/V tensors of the transformers `StaticCache` that the model's own forward
 fills, so a prompt prefilled by the model continues here. Only the plain LLaMA layer is supported

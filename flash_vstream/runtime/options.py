@@ -126,9 +126,9 @@ class FastPathOptions:
         triton_runs = _triton_installed() and (on_cuda or os.environ.get("TRITON_INTERPRET") == "1")
         triton = pick("triton", _triton_installed() and on_cuda)
         if triton and not triton_runs:
-            raise ValueError(f"FastPathOptions.triton=True: Triton does not run on {device} "
-                             + ("(not installed)" if not _triton_installed() else
-                                "(off CUDA only in Triton's interpreter: TRITON_INTERPRET=1 before Triton is imported)"))
+            why = "(not installed)" if not _triton_installed() else \
+                "(off CUDA only in Triton's interpreter: TRITON_INTERPRET=1 before Triton is imported)"
+            raise ValueError(f"FastPathOptions.triton=True: Triton does not run on {device} {why}")
         return self.replace(enabled=True, cuda_graph=cuda_graph, compile_decode=pick("compile_decode", cuda_graph),
                             fused_weights=pick("fused_weights", cuda_graph), triton=triton,
                             compile_vision=pick("compile_vision", on_cuda), pad_suffix=pick("pad_suffix", cuda_graph))
