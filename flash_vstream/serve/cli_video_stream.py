@@ -1,36 +1,21 @@
 """`python -m flash_vstream.serve.cli_video_stream`: ask questions about a video stream while it plays.
 
-Three roles run at once (DESIGN §7) around one synchronous `StreamSession` (session.py):
-
-  frame source    thread; decodes the file / camera / URL at `--video_fps` and paces it to the wall
-                  clock at `video_fps x play_speed`; puts frames into a bounded queue.
-  frame handler   thread; CLIP-encodes each frame, updates the STAR memory, publishes a snapshot
-                  (the <= 681 memory tokens, frames seen, stream time) under the session's lock.
-  question handler  the main thread; answers typed (interactive) or scripted questions from a
-                  snapshot, streaming the answer token by token.
-
-Why threads and not processes (the published CLI used three processes): torch releases the GIL
-inside every kernel and PyAV while decoding, so the roles overlap on CPU and GPU; threads share the
-model weights as they are and hand a snapshot over by reference, where the published design pickled
-the model into another process and copied the whole, ever-growing frame buffer through a Manager
-list on every update. Python-level work (tokenising, the k-means bookkeeping) is small. On a CPU
-each role runs its own torch thread team; on a busy machine set OMP_NUM_THREADS to about half the
-cores so the two teams do not spin against each other.
-
-Who waits for whom: ingesting never waits for answers (the handler only publishes); an interactive
-answer takes the latest snapshot and never waits for the frame backlog. The frame queue is bounded:
-a file or synthetic source blocks when it is full (no frame is ever dropped, so a scripted run is
-deterministic), a live source (camera, URL) drops the oldest queued frame and counts it. Every
-queue wait has a timeout; end of stream and stop travel as control messages; the first error in
-any role stops the others, is shown, and gives exit status 1.
+The command line on top of the engine (engine.py): one `StreamSession` fed by a source thread and
+the frame handler, and the question handler on the main thread, which answers typed (interactive) or
+scripted questions from a snapshot and streams the answer token by token. This file holds what a
+person sees: the arguments, the presentation, the scripted and interactive front ends.
 
 Scripted mode (`--questions Q.jsonl`, lines `{"time": s, "question": "..."}`): a question is due
 once every frame with timestamp <= time is in the memory (or at the end of the stream, if it ends
-first); the handler hands that exact snapshot to the question handler and goes on ingesting, so
-the answers do not depend on timing. Answer lines (stdout, or `--output A.jsonl`):
+first; the rule is `QuestionSchedule`'s); the frame handler hands that exact snapshot to the question
+handler and goes on ingesting, so the answers do not depend on timing. Answer lines (stdout, or
+`--output A.jsonl`):
   {"time", "question", "answer", "frames_seen", "memory_tokens", "stream_time", "latency_s",
    "ttft_s", "answer_s", "new_tokens", ...extra keys of the question line}
 latency_s / ttft_s count from when the question was due; answer_s from when generation began.
+
+Interactive mode: a reader thread hands each typed line to the question handler, which answers from
+the latest snapshot (never waiting for the frame backlog); /status, /reset, /help, /quit or Ctrl-D.
 
 `--log-file` is JSON Lines: `start`, `progress` (every `--log-every` frames: frames, drops, queue
 depth, memory tokens and state bytes, process RSS), `answer`, `stream_end`, `error` (with the
@@ -43,52 +28,21 @@ arguments; 130 on Ctrl-C.
 
 import argparse
 import dataclasses
-import datetime
+import gc
 import json
-import os
-import queue
-import random
 import sys
 import threading
 import time
-import traceback
 
-from ..video_io import FeatureLoadError, VideoReadError
-from .session import QuestionSchedule, StreamSession, state_nbytes
+from ..features import FeatureLoadError
+from ..video_io import VideoReadError
+from .engine import END_OF_STREAM, POLL_S, STOP, Control, Due, RealtimeEngine
+from .session import QuestionSchedule, StreamSession
 from .sources import open_source
+from .telemetry import EventLog, format_summary
 
-POLL_S = 0.1  # every queue wait wakes at least this often to look at the stop flag
-JOIN_TIMEOUT_S = 10.0
 QUIT_COMMANDS = ("/quit", "/exit")
-STATS = {  # key in the log -> label in the printed summary
-    "frame_decode": "frame decode (source)",
-    "encode_memory_update": "encode + memory update",
-    "time_to_first_token": "time to first token",
-    "answer_time": "answer time",
-    "question_latency": "question latency (due -> answered)",
-}
-
-
-class _Control:
-    """A control message travelling through a queue."""
-
-    def __init__(self, name):
-        self.name = name
-
-    def __repr__(self):
-        return f"<{self.name}>"
-
-
-END_OF_STREAM = _Control("end of stream")
-STOP = _Control("stop")
-EOF = _Control("end of input")
-
-
-@dataclasses.dataclass
-class _Due:
-    question: dict
-    snapshot: object
-    at: float  # perf_counter when it became due
+EOF = Control("end of input")
 
 
 @dataclasses.dataclass
@@ -97,304 +51,13 @@ class _Typed:
     at: float
 
 
-class LatencyStats:
-    """count / mean / max exactly; p50 / p99 over all samples up to `capacity`, then over a uniform
-    reservoir sample, so a stream of any length keeps this bounded."""
-
-    def __init__(self, capacity=8192, seed=0):
-        self.count, self.total, self.max = 0, 0.0, 0.0
-        self.capacity = capacity
-        self._samples = []
-        self._rng = random.Random(seed)
-
-    def add(self, seconds):
-        if seconds is None:
-            return
-        self.count += 1
-        self.total += seconds
-        self.max = max(self.max, seconds)
-        if len(self._samples) < self.capacity:
-            self._samples.append(seconds)
-        else:
-            slot = self._rng.randrange(self.count)
-            if slot < self.capacity:
-                self._samples[slot] = seconds
-
-    def summary(self):
-        if not self.count:
-            return {"count": 0, "mean": None, "p50": None, "p99": None, "max": None}
-        ordered = sorted(self._samples)
-
-        def pct(q):  # linear interpolation between closest ranks
-            pos = q * (len(ordered) - 1)
-            lo = int(pos)
-            hi = min(lo + 1, len(ordered) - 1)
-            return ordered[lo] + (ordered[hi] - ordered[lo]) * (pos - lo)
-
-        return {"count": self.count, "mean": self.total / self.count, "p50": pct(0.5), "p99": pct(0.99),
-                "max": self.max}
-
-
-class EventLog:
-    """JSON Lines event log (`--log-file`); writes from any thread, one flushed line per event."""
-
-    def __init__(self, path=None):
-        self._file = open(path, "w", encoding="utf-8") if path else None
-        self._lock = threading.Lock()
-        self._t0 = time.perf_counter()
-
-    def write(self, event, **fields):
-        if self._file is None:
-            return
-        line = {"event": event, "wall": datetime.datetime.now().isoformat(timespec="milliseconds"),
-                "elapsed_s": round(time.perf_counter() - self._t0, 6), **fields}
-        text = json.dumps(line, default=str)
-        with self._lock:
-            self._file.write(text + "\n")
-            self._file.flush()
-
-    def close(self):
-        if self._file is not None:
-            self._file.close()
-            self._file = None
-
-
-def rss_bytes():
-    """Resident set size of this process now (Linux); peak RSS elsewhere; None if unknown."""
-    try:
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-    except (OSError, ValueError, IndexError):
-        pass
-    try:
-        import resource
-
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-        return peak if sys.platform == "darwin" else peak * 1024
-    except (ImportError, OSError):
-        return None
-
-
-class RealtimeEngine:
-    """The process shell: the source and frame-handler threads around a `StreamSession`, plus the
-    queue the question handler (the caller's thread) reads from with `next_work`."""
-
-    def __init__(self, session, source, play_speed=1.0, schedule=None, frame_queue_size=8, drop_oldest=None,
-                 log=None, log_every=100):
-        if not play_speed > 0:
-            raise ValueError(f"play_speed must be > 0 (inf: as fast as possible), got {play_speed}")
-        self.session = session
-        self.source = source
-        self.play_speed = float(play_speed)
-        self.schedule = schedule
-        self.drop_oldest = source.live if drop_oldest is None else drop_oldest
-        self.log = log or EventLog()
-        self.log_every = log_every
-        self.frames = queue.Queue(maxsize=frame_queue_size)  # source -> frame handler
-        # frame handler and question reader -> question handler; never fills in practice: it holds
-        # at most the scripted questions (already in memory) plus what a person types
-        self.work = queue.Queue(maxsize=(len(schedule) if schedule else 0) + 256)
-        self.stop_event = threading.Event()
-        self.ended = threading.Event()
-        self.error = None  # (role, exception, formatted traceback) of the first failure
-        self._error_lock = threading.Lock()
-        self.stats = {key: LatencyStats() for key in STATS}
-        self.frames_produced = self.frames_ingested = self.frames_dropped = 0
-        self.stream_time = None  # timestamp of the newest ingested frame
-        self._threads = []
-
-    # --- lifecycle ------------------------------------------------------------------------------
-    def start(self):
-        # daemon threads: a source stuck inside a blocking network read must not keep the process
-        # alive after a stop; every loop otherwise ends on the stop flag within POLL_S
-        for name, target in (("frame source", self._source_loop), ("frame handler", self._handler_loop)):
-            thread = threading.Thread(target=self._guarded, args=(name, target), name=name, daemon=True)
-            self._threads.append(thread)
-            thread.start()
-        return self
-
-    def stop(self):
-        """Ask every role to stop: the flag, plus a STOP message to wake queue readers at once."""
-        self.stop_event.set()
-        for q in (self.frames, self.work):
-            try:
-                q.put_nowait(STOP)
-            except queue.Full:
-                pass  # the reader sees the flag within POLL_S
-
-    @property
-    def stopped(self):
-        return self.stop_event.is_set()
-
-    def fail(self, role, error):
-        with self._error_lock:
-            if self.error is None:
-                self.error = (role, error, traceback.format_exc())
-                self.log.write("error", role=role, error=f"{type(error).__name__}: {error}",
-                               traceback=self.error[2])
-        self.stop()
-
-    def join(self, timeout=JOIN_TIMEOUT_S):
-        deadline = time.monotonic() + timeout
-        for thread in self._threads:
-            thread.join(max(0.0, deadline - time.monotonic()))
-        return [t.name for t in self._threads if t.is_alive()]
-
-    def _guarded(self, role, target):
-        try:
-            target()
-        except BaseException as error:  # noqa: BLE001 - any failure of a role stops the others
-            self.fail(role, error)
-
-    # --- queues ---------------------------------------------------------------------------------
-    def _put(self, q, item):
-        """Blocking put that gives up when stopping. True if the item went in."""
-        while not self.stopped:
-            try:
-                q.put(item, timeout=POLL_S)
-                return True
-            except queue.Full:
-                continue
-        return False
-
-    def _put_frame(self, item):
-        if not self.drop_oldest:
-            return self._put(self.frames, item)
-        while not self.stopped:  # live: make room by dropping the oldest queued frame
-            try:
-                self.frames.put_nowait(item)
-                return True
-            except queue.Full:
-                try:
-                    old = self.frames.get_nowait()
-                except queue.Empty:
-                    continue
-                if isinstance(old, _Control):
-                    return False  # STOP: we are stopping anyway
-                self.frames_dropped += 1
-        return False
-
-    def submit(self, item):
-        """For the question reader thread: hand a typed line (or EOF) to the question handler."""
-        return self._put(self.work, item)
-
-    def next_work(self, timeout=POLL_S):
-        """The question handler's next item (a due question, a typed line or a control message), or
-        None after `timeout`."""
-        try:
-            return self.work.get(timeout=timeout)
-        except queue.Empty:
-            return None
-
-    # --- roles ----------------------------------------------------------------------------------
-    def _source_loop(self):
-        frames = self.source.frames()
-        wall0 = t0 = None
-        try:
-            while not self.stopped:
-                began = time.perf_counter()
-                try:
-                    frame, t = next(frames)
-                except StopIteration:
-                    break
-                self.stats["frame_decode"].add(time.perf_counter() - began)
-                if wall0 is None:
-                    wall0, t0 = time.perf_counter(), t
-                # play at video_fps x play_speed: the frame at stream time t is released at t / play_speed
-                delay = wall0 + (t - t0) / self.play_speed - time.perf_counter()
-                if delay > 0 and self.stop_event.wait(delay):
-                    break
-                if not self._put_frame((frame, t)):
-                    break
-                self.frames_produced += 1
-            else:
-                return
-            if not self.stopped:
-                self._put(self.frames, END_OF_STREAM)
-        finally:
-            frames.close()
-
-    def _handler_loop(self):
-        session, schedule = self.session, self.schedule
-        while not self.stopped:
-            try:
-                item = self.frames.get(timeout=POLL_S)
-            except queue.Empty:
-                continue
-            if item is STOP:
-                return
-            if item is END_OF_STREAM:
-                snapshot = session.snapshot()
-                if schedule is not None and len(schedule):
-                    if snapshot is None:
-                        raise VideoReadError(f"{self.source.name}: the stream ended before its first frame")
-                    self._due(schedule.remaining(), snapshot)
-                self._progress(final=True)
-                self.log.write("stream_end", frames=self.frames_ingested, dropped=self.frames_dropped,
-                               stream_time=self.stream_time)
-                self.ended.set()
-                self._put(self.work, END_OF_STREAM)
-                return
-            frame, t = item
-            if schedule is not None and session.snapshot() is not None:
-                self._due(schedule.due_before(t), session.snapshot())
-            began = time.perf_counter()
-            snapshot = session.add_frame(frame, t)
-            self.stats["encode_memory_update"].add(time.perf_counter() - began)
-            self.frames_ingested += 1
-            self.stream_time = t
-            if schedule is not None:
-                self._due(schedule.due_at(t), snapshot)
-            if self.log_every and self.frames_ingested % self.log_every == 0:
-                self._progress()
-
-    def _due(self, questions, snapshot):
-        now = time.perf_counter()
-        for q in questions:
-            self._put(self.work, _Due(q, snapshot, now))
-
-    def _progress(self, final=False):
-        memory = getattr(self.session, "memory", None)
-        snapshot = self.session.snapshot()
-        self.log.write("progress", final=final, frames=self.frames_ingested, produced=self.frames_produced,
-                       dropped=self.frames_dropped, stream_time=self.stream_time, queued=self.frames.qsize(),
-                       memory_tokens=None if snapshot is None else snapshot.num_tokens,
-                       state_bytes=None if memory is None else state_nbytes(memory), rss_bytes=rss_bytes())
-
-    # --- summary --------------------------------------------------------------------------------
-    def summary(self):
-        return {
-            "frames": {"produced": self.frames_produced, "ingested": self.frames_ingested,
-                       "dropped": self.frames_dropped, "stream_time": self.stream_time},
-            "latency_s": {key: stats.summary() for key, stats in self.stats.items()},
-            "error": None if self.error is None else
-            f"{self.error[0]}: {type(self.error[1]).__name__}: {self.error[1]}",
-        }
-
-
-def format_summary(summary):
-    lines = [f"{'latency (s)':<36}{'count':>7}{'mean':>10}{'p50':>10}{'p99':>10}{'max':>10}"]
-    for key, label in STATS.items():
-        s = summary["latency_s"][key]
-        if s["count"]:
-            lines.append(f"{label:<36}{s['count']:>7}{s['mean']:>10.4f}{s['p50']:>10.4f}{s['p99']:>10.4f}"
-                         f"{s['max']:>10.4f}")
-        else:
-            lines.append(f"{label:<36}{0:>7}{'-':>10}{'-':>10}{'-':>10}{'-':>10}")
-    f = summary["frames"]
-    stream_time = "-" if f["stream_time"] is None else f"{f['stream_time']:.1f}s"
-    lines.append(f"frames: {f['ingested']} ingested, {f['dropped']} dropped (live source lagging), "
-                 f"stream time {stream_time}; questions answered: {summary.get('answered', 0)}")
-    return "\n".join(lines)
-
-
 # ------------------------------------------------------------------------------ question handler
 
 class _Answerer:
-    """The question handler's side: ask, stream, record, write."""
+    """The question handler's presentation: show the answer as it streams, write the record."""
 
-    def __init__(self, engine, session, out, output_file=None, jsonl_stdout=False):
-        self.engine, self.session, self.out = engine, session, out
+    def __init__(self, engine, out, output_file=None, jsonl_stdout=False):
+        self.engine, self.out = engine, out
         self.output_file = output_file
         self.jsonl_stdout = jsonl_stdout
         self.plot_records = []
@@ -406,25 +69,18 @@ class _Answerer:
 
     def answer(self, question, snapshot, due_at, time_label=None, extra=None, stream=False):
         """Answer from `snapshot`; returns the record, or None when a stop cut the answer short."""
-        wait = time.perf_counter() - due_at
         if stream:
             self.out.write(f"ASSISTANT (stream {snapshot.stream_time:.1f}s, {_frames(snapshot.frames_seen)}): ")
             self.out.flush()
-        answer = self.session.ask(question, snapshot=snapshot, on_text=self._print if stream else None,
-                                  should_stop=self.engine.stop_event.is_set)
+        record = self.engine.answer(question, snapshot, due_at, on_text=self._print if stream else None,
+                                    time_label=time_label, extra=extra)
         if stream:
             self.out.write("\n")
             self.out.flush()
-        if self.engine.error is not None:
+        if record is None:
             return None
-        stats = self.engine.stats
-        stats["time_to_first_token"].add(answer.ttft_s)
-        stats["answer_time"].add(answer.answer_s)
-        stats["question_latency"].add(wait + answer.answer_s)
-        record = answer.record(time=time_label, wait_s=wait, extra=extra)
         self.answered += 1
         self.plot_records.append(snapshot.plot_record(record["time"], question))
-        self.engine.log.write("answer", **record)
         line = json.dumps(record, ensure_ascii=False)
         if self.output_file is not None:
             self.output_file.write(line + "\n")
@@ -455,7 +111,7 @@ def run_scripted(engine, answerer):
             return 0
         if item is STOP:
             return 1 if engine.error is not None else 0
-        if isinstance(item, _Due):
+        if isinstance(item, Due):
             answerer.answer(item.question["question"], item.snapshot, item.at, time_label=item.question["time"],
                             extra=item.question)
 
@@ -475,7 +131,7 @@ def _read_lines(stream, engine):
 
 
 def run_interactive(engine, answerer, stdin, banner):
-    out, session = answerer.out, answerer.session
+    out, session, ended = answerer.out, engine.session, engine.stream().ended
     out.write(banner + "\n")
     reader = threading.Thread(target=_read_lines, args=(stdin, engine), name="question reader", daemon=True)
     reader.start()
@@ -487,7 +143,7 @@ def run_interactive(engine, answerer, stdin, banner):
     def wait_for_snapshot():
         while engine.error is None and not engine.stopped:
             snapshot = session.snapshot()
-            if snapshot is not None or engine.ended.is_set():
+            if snapshot is not None or ended.is_set():
                 return snapshot
             engine.stop_event.wait(POLL_S / 2)
         return None
@@ -533,11 +189,8 @@ def run_interactive(engine, answerer, stdin, banner):
                       "answering pending questions]\n" if snap is not None else "\n[stream ended]\n")
             out.flush()
             while engine.error is None:
-                try:
-                    pending = engine.work.get_nowait()
-                except queue.Empty:
-                    break
-                if pending is EOF or pending is STOP or not isinstance(pending, _Typed):
+                pending = engine.next_work(timeout=0)
+                if pending is None or pending is EOF or pending is STOP or not isinstance(pending, _Typed):
                     break
                 if pending.text.strip():
                     out.write(f"USER: {pending.text.strip()}\n")
@@ -677,6 +330,12 @@ def main(argv=None, stdin=None, stdout=None):
         print(f"error: cannot load the model from {args.model_path}: {type(e).__name__}: {e}", file=sys.stderr,
               flush=True)
         return 1
+    if session.fast:
+        # process-wide, so the entry point's call: what is built by now (model, compiled code, graphs) lives
+        # as long as the process; frozen out of the collector's generations, it is not walked by a full
+        # collection during the stream (those walks were ingest outliers on a 7B; see docs/benchmarks.md)
+        gc.collect()
+        gc.freeze()
 
     log = EventLog(args.log_file)
     output_file = open(args.output, "w", encoding="utf-8") if args.output else None
@@ -689,7 +348,7 @@ def main(argv=None, stdin=None, stdout=None):
         log.write("start", argv=list(sys.argv[1:] if argv is None else argv), device=device,
                   source=source.describe(), live=source.live, drop_oldest=engine.drop_oldest,
                   mode="scripted" if schedule is not None else "interactive")
-        answerer = _Answerer(engine, session, stdout, output_file,
+        answerer = _Answerer(engine, stdout, output_file,
                              jsonl_stdout=schedule is not None and output_file is None)
         engine.start()
         if schedule is not None:
@@ -714,7 +373,8 @@ def main(argv=None, stdin=None, stdout=None):
             if engine.error is not None:
                 _show_error(engine)
                 code = 1
-            summary = engine.summary()
+            totals = engine.summary()
+            summary = {"frames": engine.stream().counts(), "latency_s": totals["latency_s"], "error": totals["error"]}
             summary["answered"] = 0 if answerer is None else answerer.answered
             summary["exit_code"] = code
             if stuck:

@@ -9,7 +9,7 @@ touches the frame buffer. `QuestionSchedule` says which scripted questions are d
 
 Nothing here sleeps, starts threads or lets a clock decide anything (clocks only measure): the same
 frames and questions give the same snapshots and, at temperature 0 (greedy), the same answers.
-The process shell (`cli_video_stream.py`) calls the ingest side and the answer side from two
+The process shell (`engine.py`) calls the ingest side and the answer side from two
 threads; the only state they share is the published snapshot, swapped under a lock.
 
 The fast path (`fast=True`; the default on CUDA) changes how, never what, is computed:
@@ -25,7 +25,6 @@ Sampling (temperature > 0) and templates whose stop string is not EOS use `model
 
 import bisect
 import dataclasses
-import gc
 import threading
 import time
 
@@ -195,9 +194,8 @@ class StreamSession:
 
     def warm_up(self):
         """Build the fast path now (CLIP graph capture; decode-step compile and capture, 30-50 s on a 7B with
-        `compile_decode`) instead of at the first frame and question. Then freezes the heap (`gc.freeze()`):
-        what exists now is never scanned again by the garbage collector, nor collected as a cycle --
-        meant for the one long-lived session of a process, as the realtime CLI runs it."""
+        `compile_decode`) instead of at the first frame and question. Freezing the heap afterwards
+        (`gc.freeze()`) is process-wide, so it is the entry point's call (the realtime CLI makes it)."""
         if not self.fast:
             return self
         if self.image_processor is not None and self._tower_loaded():
@@ -209,11 +207,6 @@ class StreamSession:
                                          sizes=SUFFIX_SIZES)
                 # later sizes run eagerly: capturing while the ingest thread uses the GPU could fail
                 decoder.capture_new_suffixes = False
-        # what is built by now (model, compiled code, graphs) lives as long as the session: move it out of
-        # the garbage collector's generations, so that a full collection during ingest does not walk it
-        # (on a 7B those walks showed up as 12-14 ms ingest outliers; see docs/benchmarks.md)
-        gc.collect()
-        gc.freeze()
         return self
 
     # --- ingest side ----------------------------------------------------------------------------
@@ -407,9 +400,8 @@ class StreamSession:
     # --- a whole scripted timeline, synchronously -------------------------------------------------
     def run_timeline(self, frames, questions, on_answer=None):
         """Play `frames` [(frame, timestamp)] and answer scripted `questions` [{"time", "question", ...}]
-        when the stream reaches their time (every frame with timestamp <= time ingested; questions
-        after the last frame are asked at the end). The shell runs the same schedule on threads.
-        Returns the answer records in schedule order."""
+        when the stream reaches their time (the rule of `QuestionSchedule`; the engine runs the same
+        rule on threads). Returns the answer records in schedule order."""
         schedule = QuestionSchedule(questions)
         records = []
 
@@ -421,14 +413,15 @@ class StreamSession:
                     on_answer(record, self.snapshot())
 
         for frame, t in frames:
-            if self.snapshot() is not None:
-                answer(schedule.due_before(t))
+            answer(schedule.before_frame(t, self.snapshot()))
             self.add_frame(frame, t)
-            answer(schedule.due_at(t))
-        if self.snapshot() is None and len(schedule):
-            raise RuntimeError("the stream ended before its first frame: no memory to answer from")
-        answer(schedule.remaining())
+            answer(schedule.after_frame(t))
+        answer(schedule.at_end(self.snapshot()))
         return records
+
+
+class EmptyStreamError(RuntimeError):
+    """The stream ended before its first frame while scripted questions were waiting."""
 
 
 class QuestionSchedule:
@@ -437,6 +430,11 @@ class QuestionSchedule:
     A question at time T is due once every frame with timestamp <= T is in the memory: right after
     a frame at T is ingested (`due_at`), or when the first frame after T arrives, before it is
     ingested (`due_before`), or at the end of the stream (`remaining`).
+
+    The rule as a driver calls it, once per frame, in this order (`StreamSession.run_timeline` and the
+    engine's frame handler both do): `before_frame(t, snapshot)`, ingest the frame, `after_frame(t)`;
+    at the end of the stream `at_end(snapshot)`. Each returns the questions due at that point, to be
+    answered from the snapshot current there.
     """
 
     def __init__(self, questions):
@@ -471,6 +469,21 @@ class QuestionSchedule:
 
     def remaining(self):
         return self._pop_until(len(self._items))
+
+    def before_frame(self, t, snapshot):
+        """Due before the frame at `t` is ingested, answered from `snapshot` (the memory so far). Nothing
+        before the first frame: with no memory yet, those questions come due with it (`after_frame`)."""
+        return [] if snapshot is None else self.due_before(t)
+
+    def after_frame(self, t):
+        """Due once the frame at `t` is in the memory."""
+        return self.due_at(t)
+
+    def at_end(self, snapshot):
+        """The rest, when the stream ends. EmptyStreamError when questions wait and no frame ever came."""
+        if snapshot is None and len(self):
+            raise EmptyStreamError("the stream ended before its first frame")
+        return self.remaining()
 
 
 def state_nbytes(obj, _depth=0):

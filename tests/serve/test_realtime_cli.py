@@ -1,4 +1,4 @@
-"""The realtime process shell and CLI: the real threads, the real entry point, a real pseudo-terminal."""
+"""The realtime CLI: the real entry point, a real pseudo-terminal (the engine's roles: test_engine.py)."""
 
 import io
 import json
@@ -10,14 +10,12 @@ import subprocess
 import sys
 import time
 
-import numpy as np
 import pytest
-import torch
 
 from flash_vstream.model.builder import load_pretrained_model
 from flash_vstream.serve import cli_video_stream as cli
-from flash_vstream.serve.session import MemorySnapshot, StreamSession
-from flash_vstream.serve.sources import FrameSource, open_source
+from flash_vstream.serve.session import StreamSession
+from flash_vstream.serve.sources import open_source
 from flash_vstream.video_io import VideoReadError, iter_frames
 
 from support import REPO
@@ -237,86 +235,7 @@ def test_piped_questions_then_quit_in_process(tiny_model_dir, fast):
     assert text.count("ASSISTANT (stream") == 1 and "frames ingested" in text and "[bye]" in text
 
 
-# ------------------------------------------------------------------------------ roles, in process
-
-class _StubSession:
-    """Stands in for StreamSession: counts frames, optionally slow or failing."""
-
-    def __init__(self, delay=0.0, fail_at=None):
-        self.delay, self.fail_at = delay, fail_at
-        self.frames = 0
-        self._snapshot = None
-
-    def add_frame(self, frame, t):
-        if self.fail_at is not None and self.frames + 1 == self.fail_at:
-            raise RuntimeError("encoder exploded")
-        time.sleep(self.delay)
-        self.frames += 1
-        self._snapshot = MemorySnapshot(tokens=torch.zeros(1, 2), frames_seen=self.frames, stream_time=t,
-                                        timestamps={"temporal": [], "retrieved": [], "spatial": [t]},
-                                        temporal_weights=[], temporal_spans=[])
-        return self._snapshot
-
-    def snapshot(self):
-        return self._snapshot
-
-
-def _noise(n=None, live=False):
-    def frames():
-        k = 0
-        while n is None or k < n:
-            yield np.zeros((4, 4, 3), np.uint8), float(k)
-            k += 1
-
-    return FrameSource("test", "noise", live=live, _open=frames)
-
-
-def _drain_until_end(engine, timeout=60):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        item = engine.next_work()
-        if item is cli.END_OF_STREAM or engine.error is not None:
-            return item
-    raise AssertionError("no end of stream")
-
-
-def test_live_source_drops_the_oldest_frames_when_the_handler_lags():
-    engine = cli.RealtimeEngine(_StubSession(delay=0.01), _noise(300, live=True), play_speed=float("inf"),
-                                frame_queue_size=4).start()
-    assert engine.drop_oldest
-    assert _drain_until_end(engine) is cli.END_OF_STREAM
-    assert engine.join() == []
-    assert engine.frames_dropped > 0 and engine.frames_produced == 300
-    assert engine.frames_ingested + engine.frames_dropped == 300
-    assert engine.session.snapshot().stream_time == 299.0  # the newest frame always gets in
-
-
-def test_file_source_blocks_instead_of_dropping():
-    engine = cli.RealtimeEngine(_StubSession(delay=0.002), _noise(60), play_speed=float("inf"),
-                                frame_queue_size=2).start()
-    assert _drain_until_end(engine) is cli.END_OF_STREAM
-    assert engine.join() == [] and engine.frames_dropped == 0 and engine.frames_ingested == 60
-
-
-def test_an_error_in_one_role_stops_the_others():
-    engine = cli.RealtimeEngine(_StubSession(fail_at=5), _noise(None), play_speed=float("inf"),
-                                frame_queue_size=2).start()  # an endless source, blocked on a full queue
-    _drain_until_end(engine)
-    assert engine.join(10) == []  # both threads ended
-    role, error, trace = engine.error
-    assert role == "frame handler" and "encoder exploded" in str(error) and "RuntimeError" in trace
-    assert engine.frames_ingested == 4 and engine.stopped
-
-
-def test_paced_file_plays_at_video_fps_times_play_speed():
-    engine = cli.RealtimeEngine(_StubSession(), _noise(6), play_speed=10.0).start()  # 5 s of stream at 10x
-    began = time.monotonic()
-    assert _drain_until_end(engine) is cli.END_OF_STREAM
-    assert 0.45 <= time.monotonic() - began < 5.0
-    engine.join()
-
-
-def test_sources_and_latency_stats(example_mp4):
+def test_sources(example_mp4):
     source = open_source(video_file=example_mp4, max_frames=3)
     assert not source.live and [t for _, t in source.frames()] == [0.0, 1.0, 2.0]
     assert open_source(video_source="rtsp://127.0.0.1:1/x").live
@@ -328,11 +247,3 @@ def test_sources_and_latency_stats(example_mp4):
         open_source(video_source="not-a-source")
     with pytest.raises(VideoReadError):
         open_source(video_file="/nonexistent/video.mp4")
-
-    stats = cli.LatencyStats(capacity=100)
-    for i in range(1, 1001):
-        stats.add(i / 1000)
-    summary = stats.summary()
-    assert summary["count"] == 1000 and summary["max"] == 1.0 and abs(summary["mean"] - 0.5005) < 1e-9
-    assert 0.3 < summary["p50"] < 0.7 and len(stats._samples) == 100
-    assert cli.LatencyStats().summary()["p50"] is None
