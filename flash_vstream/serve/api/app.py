@@ -6,10 +6,12 @@ responses never appear. The WebSocket and the OpenAI-compatible routes live in t
 """
 
 import asyncio
+import concurrent.futures
 import contextlib
 import hmac
 import logging
 import os
+import threading
 
 from fastapi import FastAPI, Request
 from fastapi.responses import FileResponse, JSONResponse, Response
@@ -260,6 +262,14 @@ def lifespan(state):
                     for session_id in await asyncio.to_thread(state.engine.reap_idle):
                         logger.info("session %s closed after %.0f s idle", session_id, state.settings.idle_timeout_s)
 
+        # blocking work (image decoding, session creation, joins) runs on a pool of a fixed size, all of it
+        # started now: the process's thread count does not drift with the load
+        size = state.settings.io_threads
+        pool = concurrent.futures.ThreadPoolExecutor(size, thread_name_prefix="flash-vstream-io")
+        barrier = threading.Barrier(size)
+        for future in [pool.submit(barrier.wait, 10.0) for _ in range(size)]:
+            future.result()
+        asyncio.get_running_loop().set_default_executor(pool)
         task = asyncio.create_task(reap())
         try:
             yield

@@ -33,6 +33,7 @@ class Settings:
     max_pending_questions: int = 4  # per session
     inbox_size: int = 8  # frames waiting for the ingest lane, per session
     idle_timeout_s: float = 600.0
+    io_threads: int = 8  # the pool that decodes images and runs blocking calls off the event loop
     conv_mode: str = "vicuna_v1"
 
     def __post_init__(self):
