@@ -1,8 +1,9 @@
-"""Tiny presets written as ordinary checkpoint directories, so every loader path is the real one.
+"""The one home of the tiny models that tests, the demo and the benchmarks build.
 
-Used by the tests and by the embedded demo: a small CLIP vision tower that keeps the real 16x16
-patch grid (image 32 px, patch 2 px), a sentencepiece LLaMA tokenizer trained on local text,
-and a small LLaMA-shaped language model. Nothing is downloaded; weights come from fixed seeds.
+Written as ordinary checkpoint directories, so every loader path is the real one: a small CLIP
+vision tower that keeps the real 16x16 patch grid (image 32 px, patch 2 px), a sentencepiece
+LLaMA tokenizer trained on local text, a small LLaMA (the stage-1 base) and a small Flash-VStream;
+`tiny_vstream_model` builds the last in memory. Nothing is downloaded; weights come from fixed seeds.
 """
 
 import os
@@ -58,6 +59,27 @@ def train_tokenizer(texts, output_dir, vocab_size=400):
     return output_dir
 
 
+def tiny_llama_config(vocab_size, hidden_size=64, num_layers=2, num_heads=4):
+    """A small LLaMA config with the tiny tokenizer's special ids (bos 1, eos 2, pad 0)."""
+    from transformers import LlamaConfig
+
+    return LlamaConfig(
+        vocab_size=vocab_size, hidden_size=hidden_size, intermediate_size=hidden_size * 2,
+        num_hidden_layers=num_layers, num_attention_heads=num_heads, num_key_value_heads=num_heads,
+        max_position_embeddings=2048, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+
+
+def build_tiny_llama(output_dir, tokenizer_dir, hidden_size=64, num_layers=2, num_heads=4, seed=0):
+    """Write a randomly initialised small LLaMA with the tokenizer: the language model that training starts from."""
+    from transformers import AutoTokenizer, LlamaForCausalLM
+
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    torch.manual_seed(seed)
+    LlamaForCausalLM(tiny_llama_config(len(tokenizer), hidden_size, num_layers, num_heads)).save_pretrained(output_dir)
+    tokenizer.save_pretrained(output_dir)
+    return output_dir
+
+
 def tiny_vstream_config(vocab_size, clip_dir, hidden_size=64, num_layers=2, num_heads=4, clip_hidden=32,
                         **memory_kwargs):
     """A small LLaMA-shaped `VStreamConfig` reading a tiny CLIP tower of width `clip_hidden`."""
@@ -84,6 +106,19 @@ def build_tiny_vstream(output_dir, tokenizer_dir, clip_dir, seed=0, **config_kwa
     model.save_pretrained(output_dir)
     tokenizer.save_pretrained(output_dir)
     return output_dir
+
+
+def tiny_vstream_model(seed=0, vocab_size=300, clip_hidden=32, dtype=torch.float32, **overrides):
+    """A tiny random Flash-VStream in memory, in eval mode, without a vision tower (it reads features).
+
+    `overrides` are set on the built config (e.g. num_key_value_heads=1, attention_bias=True)."""
+    from ..model import VStreamLlamaForCausalLM
+
+    config = tiny_vstream_config(vocab_size=vocab_size, clip_dir=None, clip_hidden=clip_hidden)
+    for key, value in overrides.items():
+        setattr(config, key, value)
+    torch.manual_seed(seed)
+    return VStreamLlamaForCausalLM._from_config(config, attn_implementation="sdpa", dtype=dtype).eval()
 
 
 TINY_CORPUS = [

@@ -5,8 +5,9 @@ import math
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import LlamaForCausalLM
 
+from flash_vstream.demo.tiny import tiny_llama_config
 from flash_vstream.eval_video import metrics
 from flash_vstream.eval_video.metrics import (
     exact_match, normalize_answer, option_index, option_logprobs, score_options, yes_no,
@@ -149,9 +150,7 @@ def test_option_logprobs_with_designed_logits():
 
 def test_option_logprobs_match_manual_computation_on_tiny_llama():
     torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=64)
-    model = LlamaForCausalLM(config).eval()
+    model = LlamaForCausalLM(tiny_llama_config(64, hidden_size=32, num_layers=2, num_heads=4)).eval()
     prompt = [1, 17, 42, 5, 9]
     options = [[3], [20, 21, 22, 23], [40, 7], [63, 0, 11]]
     got = option_logprobs(model, torch.tensor(prompt), options)  # one right-padded batch
