@@ -108,8 +108,9 @@ class RealtimeEngine:
     `RealtimeEngine(session, source, ...)` is the one-session engine the CLI runs (id DEFAULT_SESSION);
     `RealtimeEngine()` then `add_session(id, session, source, ...)` holds several sessions, which may
     share one model. `play_speed`, `frame_queue_size` and `drop_oldest` are defaults for every session.
-    The frame handler thread ends once every session added before it ran out has ended; a driver that
-    keeps adding sessions calls `step` from its own loop instead.
+    The frame handler thread ends when every session it holds has ended (the CLI's lifetime); a server
+    that keeps adding sessions would run `step` from its own loop instead (`add_session` works while the
+    engine runs: the new session's source thread starts at once).
     """
 
     def __init__(self, session=None, source=None, play_speed=1.0, schedule=None, frame_queue_size=8,
