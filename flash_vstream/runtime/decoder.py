@@ -1,7 +1,7 @@
 """Fast batch-1 greedy decoding for `VStreamLlamaForCausalLM`: a static KV cache and one captured decode step.
 
-Stock `generate` spends most of a 7B decode step in Python and kernel launches (14-31 tokens/s on an
-H100 against a memory-bandwidth limit near 240; this decoder: 193, see docs/benchmarks.md).
+Stock `generate` spends most of a 7B decode step in Python and kernel launches, far from the
+memory-bandwidth limit (docs/benchmarks.md has the numbers).
 `GreedyDecoder` removes both:
 
 1. prefill: the prompt (memory tokens spliced in by `embed_with_memory`) goes through the model's
@@ -16,13 +16,13 @@ H100 against a memory-bandwidth limit near 240; this decoder: 193, see docs/benc
    residual adds become a few fused kernels instead of ~40 small ones per layer; the compiled step
    is captured into the same kind of graph;
    on CUDA the step is `FusedDecodeStep` (fused_decode.py): the same layer arithmetic over fused
-   q/k/v and gate/up weights, four matrix-vector products per layer instead of seven (+7%), each a
-   Triton kernel with the layer's RMSNorms, SiLU gating and residual adds folded in (+15%);
+   q/k/v and gate/up weights, four matrix-vector products per layer instead of seven, each a
+   Triton kernel with the layer's RMSNorms, SiLU gating and residual adds folded in;
 4. a kept prefix: `cache_prefix` runs the prompt through `<image>` (system text + memory, ~720 tokens)
    into cache slots [0, P) and keeps it; a later prompt that starts with the same ids and the same
    memory tensor runs only its own tokens from slot P -- on CUDA padded to a 32-token bucket and
-   replayed as one CUDA graph per bucket (an eager 7B forward costs ~25 ms of launches at any
-   length). Answers write after P, so the prefix serves any number of questions. The realtime
+   replayed as one CUDA graph per bucket (an eager 7B forward is bound by its kernel launches at
+   any length). Answers write after P, so the prefix serves any number of questions. The realtime
    session refreshes it after every frame, which takes the memory's prefill off the question's path.
 
 Every switch is an explicit argument (all off by default: the plain static-cache loop); `FastPath`
@@ -148,7 +148,7 @@ class GreedyDecoder:
         self._length = None  # prompt length of the current answer
         self._prefix = None  # (ids, memory, length) of the prompt prefix kept in cache slots [0, length)
         # the tokens after a cached prefix run padded to a multiple of SUFFIX_BUCKET, from static buffers,
-        # as one CUDA graph per bucket on CUDA (an eager 7B forward costs ~25 ms of launches at any length)
+        # as one CUDA graph per bucket on CUDA (an eager 7B forward is bound by its launches at any length)
         self.pad_suffix = bool(pad_suffix)
         self._suffix = {}  # bucket -> (ids (1, B), positions (B,), last index (1,), first token (1,), graph)
         self._suffix_pool = None
@@ -315,8 +315,8 @@ class GreedyDecoder:
     @torch.inference_mode()
     def warm_up_suffixes(self, prefix_ids, memory_tokens, memory_dim, sizes=(SUFFIX_BUCKET, 2 * SUFFIX_BUCKET)):
         """Capture the question graphs of these suffix sizes now (those that fit the cache), over a
-        throwaway prefix of zeros: a first question of a new size would otherwise pay the capture
-        (~0.1 s on a 7B). The graphs share one memory pool."""
+        throwaway prefix of zeros: a first question of a new size would otherwise pay the capture.
+        The graphs share one memory pool."""
         if not self.pad_suffix:
             return
         dummy = torch.zeros(memory_tokens, memory_dim, device=self.device, dtype=self.dtype)

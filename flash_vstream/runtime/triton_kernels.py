@@ -1,16 +1,16 @@
 """Triton kernels for the GPU paths where the stock kernels leave bandwidth or compute unused.
 
 - `gemv`: the decode step's matrix-vector products at batch 1. A step reads all 13 GB of weights
-  once, so it is bound by memory bandwidth; the cuBLAS products reached 73-80% of it on an H100. The
+  once, so it is bound by memory bandwidth, of which the cuBLAS products leave part unused. The
   kernel also folds in the element-wise work around each product, which would otherwise be a kernel
   launch of its own: the input's RMSNorm (its 1/rms is one scalar, so it is accumulated beside the
   product and applied at the end), SiLU(gate) * up of a gate/up vector, and the residual add.
 - `linear_quick_gelu`: CLIP's fc1 product with its bias and QuickGELU in the epilogue, so the
   (tokens, 4096) activation is written once, instead of written, read and written again by a separate
-  element-wise kernel (10% of a batched CLIP forward).
+  element-wise kernel.
 - `attention`: CLIP's attention straight from the fused q/k/v projection, with the class token's key
   taken apart so that the 256 patch keys fill whole tiles (SDPA's kernels pay a third tile of 128 keys
-  for the 257th: 453 us against 214 us for 256 tokens at batch 256).
+  for the 257th). docs/benchmarks.md has each kernel's timings.
 
 All need Triton; `usable` says whether they are the default for a tensor (a CUDA one). On a machine
 without a GPU, Triton's interpreter (`TRITON_INTERPRET=1` before Triton is imported) runs them on CPU
@@ -144,14 +144,14 @@ if triton is not None:
 
 def gemv_config(n, k):
     """(BLOCK_N, BLOCK_K, num_warps) of the matrix-vector kernel for an (n, k) weight: the fastest of a
-    sweep of 24 on an H100 for each 7B shape (78-91% of the bandwidth peak, docs/benchmarks.md)."""
+    sweep on an H100 for each 7B shape (docs/benchmarks.md)."""
     if k > 8192:  # down_proj (4096 x 11008): short blocks along k (11008 = 43 x 256, no masks)
         return 4, 256, 8
     if n <= 4096:  # o_proj: two rows a program, to have enough programs in flight
         return 2, 1024, 4
     return 8, 1024, 4
 # (BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, num_warps, num_stages) of the fc1 kernel: the fastest of 10 on an
-# H100 for CLIP-L's fc1 at batch 256 (927 us, 596 TFLOP/s; cuBLAS + a separate QuickGELU: 1,099 us)
+# H100 for CLIP-L's fc1 at batch 256 (docs/benchmarks.md)
 LINEAR_CONFIG = (128, 256, 64, 8, 8, 3)
 
 
@@ -225,7 +225,7 @@ def linear_quick_gelu(x, weight, bias, config=None, programs=None):
 
 
 # (BLOCK_M, BLOCK_N, num_warps, num_stages) of the attention kernel: the fastest of 10 on an H100 for
-# CLIP-L at batch 256 (330 us; (64, 64) as fast but rounds more)
+# CLIP-L at batch 256 ((64, 64) as fast, but rounds more)
 ATTENTION_CONFIG = (64, 128, 4, 2)
 
 

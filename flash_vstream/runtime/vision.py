@@ -27,11 +27,10 @@ class FastVisionEncoder:
       also runs each layer's q/k/v projections as one product (`fuse_weights()`, a step of its own: the
       tower's own weights re-pointed into one matrix, no extra memory) and the patch embedding (a stride-14
       14x14 convolution) as one matrix product over the flattened patches instead of a cuDNN
-      convolution with two layout conversions (2.4 of 83 ms at batch 256 on an H100). On CUDA it
-      also runs two Triton kernels (`triton_kernels`): attention that takes the class token's key
-      apart (257 keys otherwise cost SDPA's kernels a third tile of 128; 453 -> 330 us a layer at
-      batch 256) and fc1 with bias and QuickGELU in its epilogue (the 4096-wide activation written
-      once). Together: 2,906 -> 3,170 frames/s at batch 256.
+      convolution with two layout conversions. On CUDA it also runs two Triton kernels
+      (`triton_kernels`): attention that takes the class token's key apart (257 keys otherwise cost
+      SDPA's kernels a third tile of 128) and fc1 with bias and QuickGELU in its epilogue (the
+      4096-wide activation written once). What each step buys is measured in docs/benchmarks.md.
 
     One frame (and `eager()`) runs the tower's own modules, so its features equal `CLIPVisionTower`'s
     bit for bit (the realtime session's equality checks rely on it); the batched path rounds
