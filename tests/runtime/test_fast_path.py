@@ -205,3 +205,25 @@ def test_model_does_not_import_the_runtime():
     offenders = [str(p) for p in pathlib.Path(REPO, "flash_vstream", "model").rglob("*.py")
                  if "runtime" in "".join(line for line in p.read_text().splitlines() if "import" in line)]
     assert offenders == []
+
+
+def test_stream_session_takes_a_fast_path(tiny_model_dir):
+    """The realtime session builds its encoder and decoder through the path it is given (options or a
+    `FastPath`), and refuses the path given twice."""
+    from flash_vstream.model.builder import load_pretrained_model
+    from flash_vstream.serve.session import StreamSession
+
+    tokenizer, model, image_processor, context_len = load_pretrained_model(tiny_model_dir, device="cpu")
+    path = FastPath(model, FastPathOptions.from_cli("on"))
+    session = StreamSession(model, tokenizer, image_processor, max_new_tokens=4, context_len=context_len,
+                            fast_path=path)
+    assert session.fast and session.fast_path is path
+    session.add_features(torch.randn(2, 256, model.config.mm_hidden_size))
+    answer = session.ask("what is in the video?")
+    assert answer.new_tokens >= 1 and session._decoder is path.decoder(1)  # the path's own decoder
+    assert path.describe()["decode"] == "eager"
+    stock = StreamSession(model, tokenizer, image_processor, max_new_tokens=4, context_len=context_len,
+                          fast_path=FastPathOptions.off())
+    assert not stock.fast and stock.fast_path is not path
+    with pytest.raises(ValueError, match="not both"):
+        StreamSession(model, tokenizer, image_processor, fast=True, fast_path=path)
