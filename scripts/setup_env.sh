@@ -10,7 +10,8 @@
 
 _fv_extra="${1:-}"
 _fv_modules="torch transformers accelerate safetensors sentencepiece google.protobuf PIL av numpy tqdm matplotlib"
-if [[ "$_fv_extra" == "dev" ]]; then _fv_modules+=" pytest deepspeed peft openai triton"; fi
+if [[ "$_fv_extra" == "dev" ]]; then _fv_modules+=" pytest deepspeed peft openai triton fastapi uvicorn websockets prometheus_client requests playwright"; fi
+if [[ "$_fv_extra" == "serve" ]]; then _fv_modules+=" fastapi uvicorn websockets prometheus_client"; fi
 
 _fv_ready() {  # does interpreter $1 import every module the caller needs?
   "$1" - "$_fv_modules" >/dev/null 2>&1 <<'PY'

@@ -4,10 +4,12 @@ and the real `openai` client, to the contract in SERVING.md (endpoints, events, 
 import asyncio
 import json
 import os
+import sys
 import threading
 
 import openai
 import pytest
+import requests
 import websockets
 
 from serve.test_server_support import RunningServer, assert_error, data_url, jpeg_frames
@@ -53,8 +55,6 @@ def _fed_session(server, frames, n=3):
 
 def test_health_page_and_auth(server):
     anonymous = server.url
-    import requests
-
     assert requests.get(anonymous + "/health", timeout=10).json() == {"status": "ok"}
     assert requests.get(anonymous + "/", timeout=10).status_code == 200  # the page asks for the key itself
     assert_error(requests.get(anonymous + "/v1/models", timeout=10), 401)
@@ -355,3 +355,15 @@ def test_metrics(server):
         assert name in text, name
     ingested = [line for line in text.splitlines() if line.startswith("flash_vstream_frames_ingested_total")]
     assert float(ingested[0].split()[-1]) > 0
+
+
+def test_serve_sh_starts_the_server(tiny_model_dir, tmp_path):
+    """scripts/serve.sh on a given model: the start-up line, then a healthy server with the model listed."""
+    srv = RunningServer(tiny_model_dir, log_dir=tmp_path, command=["bash", "scripts/serve.sh", "--max-tokens", "8"],
+                        env={"MODEL_PATH": str(tiny_model_dir), "PORT": "0", "DEVICE": "cpu",
+                             "FLASH_VSTREAM_NO_SETUP": "1", "PYTHON": sys.executable})
+    try:
+        assert requests.get(srv.url + "/health", timeout=10).json() == {"status": "ok"}
+        assert srv.get("/v1/models").json()["data"][0]["id"] == os.path.basename(str(tiny_model_dir))
+    finally:
+        srv.stop()

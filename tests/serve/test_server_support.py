@@ -24,13 +24,14 @@ class RunningServer:
     """`python -m flash_vstream.serve.server ... --port 0` in a subprocess; `url` once it printed its
     `listening on` line. stderr goes to a file (`log()`), so a chatty server never blocks on a pipe."""
 
-    def __init__(self, model_dir, *args, key=None, log_dir):
+    def __init__(self, model_dir, *args, key=None, log_dir, command=None, env=None):
         self.key = key
         self.log_path = os.path.join(str(log_dir), f"server-{time.monotonic_ns()}.log")
         self._log = open(self.log_path, "w")
-        cmd = [sys.executable, "-m", "flash_vstream.serve.server", "--model-path", str(model_dir), "--port", "0",
-               *(["--api-key", key] if key else []), *map(str, args)]
-        env = dict(os.environ, TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+        cmd = command or [sys.executable, "-m", "flash_vstream.serve.server", "--model-path", str(model_dir),
+                          "--port", "0", *(["--api-key", key] if key else []), *map(str, args)]
+        env = dict(os.environ, TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1",
+                   **(env or {}))
         self.proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=self._log, text=True, env=env)
         lines = queue.Queue()
         threading.Thread(target=lambda: [lines.put(line) for line in self.proc.stdout], daemon=True).start()
