@@ -1,6 +1,7 @@
 """Sessions that read their own source, for real over loopback: a file played in stream time, an HLS stream
-from a local HTTP server, a live HTTP stream from a local ffmpeg that dies mid-stream (its session fails
-with the reason, the server goes on). ffmpeg must be installed: these tests fail without it."""
+from a local HTTP server, an RTSP stream published by a local ffmpeg and a live HTTP stream served by one,
+each dying mid-stream (its session fails with the reason, the server goes on). ffmpeg must be installed:
+these tests fail without it."""
 
 import functools
 import http.server
@@ -11,7 +12,7 @@ import time
 
 import pytest
 
-from serve.test_server_support import RunningServer, jpeg_frames, need_tool
+from serve.test_server_support import RTSPRelay, RunningServer, jpeg_frames, need_tool
 
 
 def _free_port():
@@ -137,3 +138,28 @@ def test_live_http_stream_dying_mid_stream_fails_its_session(server, ffmpeg, exa
     finally:
         proc.kill()
         proc.wait()
+
+
+def test_rtsp_stream_from_ffmpeg_dying_mid_stream_fails_its_session(server, ffmpeg, example_mp4):
+    relay = RTSPRelay()
+    proc = subprocess.Popen([ffmpeg, "-hide_banner", "-loglevel", "error", "-re", "-stream_loop", "-1", "-i",
+                             example_mp4, "-an", "-vf", "scale=160:120", "-c:v", "libx264", "-g", "10", "-f", "rtsp",
+                             "-rtsp_transport", "tcp", relay.url()], stdin=subprocess.DEVNULL)
+    try:
+        assert relay.announced.wait(30), "ffmpeg did not publish the RTSP stream"
+        sid = server.session({"type": "url", "url": relay.url()})["id"]
+        deadline = time.monotonic() + 30
+        while (seen := server.get(f"/v1/sessions/{sid}").json())["frames_seen"] < 2:
+            assert time.monotonic() < deadline and seen["state"] == "running", seen
+            time.sleep(0.1)
+        answer = server.post(f"/v1/sessions/{sid}/questions", json={"question": "live?", "max_tokens": 4})
+        assert answer.status_code == 200 and answer.json()["frames_seen"] >= 2
+        proc.kill()  # the camera dies
+        failed = server.wait_state(sid, ("ended", "failed"), timeout=40)
+        assert failed["state"] == "failed" and "stopped" in failed["error"], failed
+        assert server.get("/health").json() == {"status": "ok"}
+        server.delete(f"/v1/sessions/{sid}")
+    finally:
+        proc.kill()
+        proc.wait()
+        relay.close()

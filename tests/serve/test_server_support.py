@@ -8,6 +8,7 @@ import io
 import os
 import queue
 import shutil
+import socket
 import subprocess
 import sys
 import threading
@@ -134,3 +135,138 @@ def need_tool(name):
     assert path, (f"`{name}` is not on PATH: these tests need it (Debian: apt-get install -y chromium ffmpeg; "
                   ".ci/run installs both)")
     return path
+
+
+class RTSPRelay:
+    """A minimal RTSP server for the tests: ffmpeg's RTSP muxer only publishes (it cannot listen for players),
+    so this takes one publisher (`ffmpeg ... -f rtsp -rtsp_transport tcp URL`: ANNOUNCE, SETUP, RECORD) and
+    any number of players (DESCRIBE, SETUP -- UDP is refused with 461, players then retry over TCP --, PLAY),
+    and copies the publisher's interleaved RTP/RTCP packets to every player. When the publisher goes away
+    its players are disconnected, as a real server's are when the camera dies."""
+
+    def __init__(self):
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.port = self.sock.getsockname()[1]
+        self.sdp = None
+        self.players = []
+        self.lock = threading.Lock()
+        self.announced = threading.Event()
+        self.closed = False
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def url(self, path="live"):
+        return f"rtsp://127.0.0.1:{self.port}/{path}"
+
+    def close(self):
+        self.closed = True
+        self.sock.close()
+        self._drop_players()
+
+    def _drop_players(self):
+        with self.lock:
+            players, self.players = self.players, []
+        for player in players:
+            try:
+                player.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+            player.close()
+
+    def _accept(self):
+        while not self.closed:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
+
+    def _serve(self, conn):
+        buf = b""
+        publisher = False
+        try:
+            while True:
+                while len(buf) < 4 or (buf[:1] != b"$" and b"\r\n\r\n" not in buf):
+                    data = conn.recv(65536)
+                    if not data:
+                        return
+                    buf += data
+                if buf[:1] == b"$":  # interleaved binary frame: $ channel length(2) payload
+                    size = int.from_bytes(buf[2:4], "big")
+                    while len(buf) < 4 + size:
+                        data = conn.recv(65536)
+                        if not data:
+                            return
+                        buf += data
+                    frame, buf = buf[:4 + size], buf[4 + size:]
+                    if publisher:
+                        self._broadcast(frame)
+                    continue
+                head, _, buf = buf.partition(b"\r\n\r\n")
+                lines = head.decode("latin-1").split("\r\n")
+                method, url = lines[0].split()[:2]
+                headers = {name.strip().lower(): value.strip()
+                           for name, _, value in (line.partition(":") for line in lines[1:])}
+                length = int(headers.get("content-length", 0))
+                while len(buf) < length:
+                    data = conn.recv(65536)
+                    if not data:
+                        return
+                    buf += data
+                body, buf = buf[:length], buf[length:]
+                cseq = headers.get("cseq", "0")
+                extra, content = {}, b""
+                status = "200 OK"
+                if method == "OPTIONS":
+                    extra["Public"] = "OPTIONS, DESCRIBE, ANNOUNCE, SETUP, PLAY, RECORD, TEARDOWN, GET_PARAMETER"
+                elif method == "ANNOUNCE":
+                    self.sdp = body
+                    publisher = True
+                elif method == "DESCRIBE":
+                    if not self.announced.wait(10) or self.sdp is None:
+                        status = "404 Not Found"
+                    else:
+                        content = self.sdp
+                        extra["Content-Type"] = "application/sdp"
+                        extra["Content-Base"] = url.rstrip("/") + "/"
+                elif method == "SETUP":
+                    transport = headers.get("transport", "")
+                    if "TCP" not in transport.upper():
+                        status = "461 Unsupported Transport"  # players retry over TCP
+                    else:
+                        extra["Transport"] = transport
+                        extra["Session"] = "12345678"
+                elif method == "RECORD":
+                    extra["Session"] = "12345678"
+                    self.announced.set()
+                elif method == "PLAY":
+                    extra["Session"] = "12345678"
+                reply = f"RTSP/1.0 {status}\r\nCSeq: {cseq}\r\n" + "".join(f"{k}: {v}\r\n" for k, v in extra.items())
+                reply += f"Content-Length: {len(content)}\r\n\r\n"
+                conn.sendall(reply.encode("latin-1") + content)
+                if method == "PLAY" and status.startswith("200"):
+                    with self.lock:
+                        self.players.append(conn)
+                if method == "TEARDOWN":
+                    return
+        except OSError:
+            pass
+        finally:
+            if publisher:
+                self.announced.clear()
+                self.sdp = None
+                self._drop_players()
+            with self.lock:
+                if conn in self.players:
+                    self.players.remove(conn)
+            conn.close()
+
+    def _broadcast(self, frame):
+        with self.lock:
+            players = list(self.players)
+        for player in players:
+            try:
+                player.sendall(frame)
+            except OSError:
+                with self.lock:
+                    if player in self.players:
+                        self.players.remove(player)

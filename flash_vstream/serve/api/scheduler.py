@@ -24,7 +24,6 @@ Callbacks (`on_text`, futures) run on the lanes' threads; the async side hands t
 import collections
 import concurrent.futures
 import dataclasses
-import itertools
 import math
 import secrets
 import threading
@@ -137,7 +136,6 @@ class Engine:
         self._answer_ring = collections.deque()  # ids of sessions with questions waiting, each at most once
         self._stop = threading.Event()
         self._threads = []
-        self._counter = itertools.count()
 
     # --- lifecycle ------------------------------------------------------------------------------
     def start(self):
