@@ -186,7 +186,8 @@ def staged_outputs(output_dir, is_main, barrier):
     there has its weights). `barrier()` waits for all processes (ZeRO-3 saves write on each rank)."""
     staged = os.path.join(staging_root(output_dir), "outputs")
     if is_main:
-        shutil.rmtree(staged, ignore_errors=True)
+        shutil.rmtree(staged, ignore_errors=True)  # what a killed save of the outputs left
+        os.makedirs(staged)
     barrier()
     yield staged
     barrier()

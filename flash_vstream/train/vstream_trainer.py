@@ -91,6 +91,15 @@ class VStreamTrainer(Trainer):
             self.train_dataset.modality_lengths, self.args.train_batch_size,
             self.args.world_size, seed=self.args.seed)
 
+    def _init_training_state(self, max_steps, num_update_steps_per_epoch, num_train_epochs, *args, **kwargs):
+        epochs_trained, steps_trained = super()._init_training_state(
+            max_steps, num_update_steps_per_epoch, num_train_epochs, *args, **kwargs)
+        if self.state.global_step >= max_steps:
+            # Resumed from the run's last checkpoint (killed before its final outputs): nothing is left to
+            # train. The Trainer would still run (and save) one step past max_steps; run no epoch instead.
+            return num_train_epochs, 0
+        return epochs_trained, steps_trained
+
     def _get_output_dir(self, trial):
         # During a save the Trainer's `_save_checkpoint` writes `<this>/checkpoint-N`: the staging root.
         return self._staging_root or super()._get_output_dir(trial)

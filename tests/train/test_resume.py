@@ -11,6 +11,7 @@ file; the test then sends it SIGKILL.
 
 import json
 import os
+import pathlib
 import select
 import shutil
 import signal
@@ -22,14 +23,16 @@ import traceback
 import pytest
 import torch
 
-from flash_vstream.train.checkpointing import MARKER, STAGING, CheckpointWriteCallback
+from flash_vstream.train.checkpointing import (MARKER, STAGING, CheckpointWriteCallback, checkpoint_folders,
+                                               resolve_auto, rotate, seal, staged_outputs, why_incomplete)
 
 MAX_STEPS, SAVE_STEPS = 8, 3  # 10 records, batch 2: 5 steps an epoch; checkpoints 3, 6 (epoch 1), 8
 
 
 class BlockAt(CheckpointWriteCallback):
     """Blocks the run at step `step`, writes the signal file and waits to be killed: `where="step"`
-    right after that step's update (between checkpoints), `where="save"` inside that step's save."""
+    right after that step's update (between checkpoints), `where="save"` inside that step's save,
+    `where="end"` when training has ended (last checkpoint written, final outputs not yet)."""
 
     def __init__(self, step, where, signal_file):
         self.step, self.where, self.signal_file = step, where, signal_file
@@ -47,6 +50,10 @@ class BlockAt(CheckpointWriteCallback):
 
     def on_checkpoint_writing(self, args, state, control, folder, **kwargs):
         if self.where == "save":
+            self._block(state)
+
+    def on_train_end(self, args, state, control, **kwargs):
+        if self.where == "end":
             self._block(state)
 
 
@@ -238,6 +245,78 @@ def test_half_written_checkpoint_folder_is_skipped_and_removed(workdir, tiny_cli
     assert f"{half} is an incomplete checkpoint (no completion marker): skipped, removed" in log
     _assert_same_run(out, reference)
     assert (out / "checkpoint-6" / MARKER).exists()  # written again by the resumed run
+
+
+def test_kill_before_the_final_outputs_then_auto_resume(workdir, tiny_clip_dir, reference, runs, tmp_path):
+    """Killed after the last checkpoint, before the outputs: the restart trains no step again."""
+    out = tmp_path / "run"
+    flags = _flags(workdir, out, tiny_clip_dir)
+    runs.run(flags, tmp_path / "killed.log", block_at=MAX_STEPS, where="end")
+    assert (out / f"checkpoint-{MAX_STEPS}" / MARKER).exists() and not (out / "mm_projector.bin").exists()
+    runs.run(flags, tmp_path / "resumed.log")
+    _assert_same_run(out, reference)
+    assert json.loads((out / "config.json").read_text())["model_type"] == "vstream"
+
+
+def _sealed(run_dir, step):
+    folder = run_dir / f"checkpoint-{step}"
+    folder.mkdir(parents=True)
+    (folder / "optimizer.pt").write_bytes(b"x" * 100)
+    (folder / "sub").mkdir()
+    (folder / "sub" / "shard").write_bytes(b"y" * 10)
+    seal(str(folder), step)
+    return folder
+
+
+def test_auto_takes_the_newest_sealed_checkpoint_by_step(tmp_path, caplog):
+    for step in (2, 9, 10):
+        _sealed(tmp_path, step)
+    (tmp_path / "checkpoint-12").mkdir()  # no marker
+    truncated = _sealed(tmp_path, 11)
+    (truncated / "optimizer.pt").write_bytes(b"x" * 50)  # its files no longer match the marker
+    missing = _sealed(tmp_path, 13)
+    (missing / "sub" / "shard").unlink()
+    (tmp_path / STAGING / "checkpoint-14").mkdir(parents=True)  # a killed save
+    assert why_incomplete(str(tmp_path / "checkpoint-10")) is None
+    assert why_incomplete(str(truncated)) == "optimizer.pt has 50 bytes, the marker says 100"
+    assert why_incomplete(str(missing)) == os.path.join("sub", "shard") + " is missing"
+
+    with caplog.at_level("WARNING"):
+        assert resolve_auto(str(tmp_path), clean=False) == str(tmp_path / "checkpoint-10")
+    assert len(checkpoint_folders(str(tmp_path))) == 6 and (tmp_path / STAGING).exists()  # only the main process cleans
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        assert resolve_auto(str(tmp_path), clean=True) == str(tmp_path / "checkpoint-10")
+    assert [s for s, _ in checkpoint_folders(str(tmp_path))] == [2, 9, 10]
+    assert not (tmp_path / STAGING).exists()
+    for name in ("checkpoint-11", "checkpoint-12", "checkpoint-13"):
+        assert any(name in record.message and "removed" in record.message for record in caplog.records)
+    assert any("checkpoint-14" in record.message for record in caplog.records)
+    assert resolve_auto(str(tmp_path / "absent"), clean=True) is None
+
+
+def test_rotate_keeps_the_newest_and_the_best(tmp_path):
+    for step in (1, 2, 3, 4, 5):
+        _sealed(tmp_path, step)
+    rotate(str(tmp_path), 2, keep=str(tmp_path / "checkpoint-2"))
+    assert [s for s, _ in checkpoint_folders(str(tmp_path))] == [2, 5]
+    rotate(str(tmp_path), None)
+    assert len(checkpoint_folders(str(tmp_path))) == 2
+    assert sorted(os.listdir(tmp_path)) == ["checkpoint-2", "checkpoint-5"]
+
+
+def test_staged_outputs_move_in_only_when_the_block_ends(tmp_path):
+    out = tmp_path / "out"
+    with staged_outputs(str(out), True, lambda: None) as staged:
+        (pathlib.Path(staged) / "config.json").write_text("{}")
+        (pathlib.Path(staged) / "mm_projector.bin").write_bytes(b"w")
+        assert not (out / "config.json").exists()
+    assert sorted(os.listdir(out)) == ["config.json", "mm_projector.bin"]
+    with pytest.raises(RuntimeError):
+        with staged_outputs(str(out), True, lambda: None) as staged:
+            (pathlib.Path(staged) / "mm_projector.bin").write_bytes(b"new")
+            raise RuntimeError("killed in the middle")
+    assert (out / "mm_projector.bin").read_bytes() == b"w"
 
 
 if __name__ == "__main__":
