@@ -217,6 +217,19 @@ def test_kill_between_checkpoints_then_auto_resume(workdir, tiny_clip_dir, refer
     _assert_same_run(out, reference)
 
 
+def test_kill_between_checkpoints_with_the_default_sampler_and_workers(workdir, tiny_clip_dir, runs, tmp_path):
+    """Without --group_by_modality_length the Trainer's seeded random sampler gives the order, and the
+    samples come from data-loader worker processes (as the training scripts run)."""
+    variant = ["--group_by_modality_length", "False", "--dataloader_num_workers", "2"]
+    reference = tmp_path / "reference"
+    runs.run(_flags(workdir, reference, tiny_clip_dir) + variant, tmp_path / "reference.log")
+    out = tmp_path / "run"
+    flags = _flags(workdir, out, tiny_clip_dir) + variant
+    runs.run(flags, tmp_path / "killed.log", block_at=7, where="step")
+    runs.run(flags, tmp_path / "resumed.log")
+    _assert_same_run(out, reference)
+
+
 def test_kill_while_a_checkpoint_is_written_then_auto_resume(workdir, tiny_clip_dir, reference, runs, tmp_path):
     out = tmp_path / "run"
     flags = _flags(workdir, out, tiny_clip_dir)
