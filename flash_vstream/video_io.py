@@ -8,6 +8,8 @@ Frames come out as uint8 RGB (H, W, 3) whatever the pixel format, with the conta
 rotation applied, one at a time: a 3-hour video is never held in memory.
 """
 
+import collections
+import itertools
 import logging
 import math
 import os
@@ -91,7 +93,7 @@ def _check_args(fps, start, end):
 
 
 def iter_frames(path, fps=1.0, backend="pyav", start=0.0, end=None, timeout=URL_TIMEOUT_S,
-                allow_truncated=False, threads=0):
+                allow_truncated=False, threads=0, sparse=True):
     """Yield (frame uint8 (H, W, 3) RGB, timestamp seconds) sampled at `fps` from a video.
 
     `fps=None` yields every frame at its own timestamp. Samples run from `start` to the last
@@ -99,7 +101,9 @@ def iter_frames(path, fps=1.0, backend="pyav", start=0.0, end=None, timeout=URL_
     A video shorter than one sample period gives its first frame. `backend` is "pyav" or
     "decord". `timeout` (seconds) bounds each network wait for a URL; `threads` is the
     decoder's thread count (0: one per core; fewer when several files decode at once). A frame on screen at
-    several sample times is yielded as the same array: treat frames as read-only.
+    several sample times is yielded as the same array: treat frames as read-only. With `sparse`
+    (PyAV, `fps` set) only the frames a sample time can show are decoded in full (`_sparse_frames`);
+    the samples are the same as decoding every frame (`sparse=False`).
 
     Raises VideoReadError naming the file when it is missing, empty, not a video, fails to
     decode, or is truncated (frames stop well before the declared duration; the error comes
@@ -107,19 +111,19 @@ def iter_frames(path, fps=1.0, backend="pyav", start=0.0, end=None, timeout=URL_
     """
     _check_args(fps, start, end)
     if backend == "pyav":
-        return _iter_pyav(path, fps, start, end, timeout, allow_truncated, threads)
+        return _iter_pyav(path, fps, start, end, timeout, allow_truncated, threads, sparse)
     if backend == "decord":
         return _iter_decord(path, fps, start, end, timeout, allow_truncated, threads)
     raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
 
 
 def read_frames(path, fps=1.0, backend="pyav", start=0.0, end=None, timeout=URL_TIMEOUT_S,
-                allow_truncated=False, threads=0):
+                allow_truncated=False, threads=0, sparse=True):
     """All samples at once: (uint8 array (T, H, W, 3), list of T timestamps). For short clips;
     use `iter_frames` for long videos."""
     frames, times = [], []
     for frame, t in iter_frames(path, fps=fps, backend=backend, start=start, end=end, timeout=timeout,
-                                allow_truncated=allow_truncated, threads=threads):
+                                allow_truncated=allow_truncated, threads=threads, sparse=sparse):
         frames.append(frame)
         times.append(t)
     return np.stack(frames), times
@@ -149,7 +153,7 @@ def _stream_origin(stream):
     return float(stream.start_time * stream.time_base)
 
 
-def _iter_pyav(path, fps, start, end, timeout, allow_truncated=False, threads=0):
+def _iter_pyav(path, fps, start, end, timeout, allow_truncated=False, threads=0, sparse=True):
     container = _open_pyav(path, timeout)
     try:
         stream = container.streams.video[0]
@@ -165,8 +169,12 @@ def _iter_pyav(path, fps, start, end, timeout, allow_truncated=False, threads=0)
             except Exception as e:
                 logger.warning("%s: seek to %.3fs failed (%s); decoding from the beginning", path, start, e)
                 container.seek(0)
-        yield from _sample_stream(path, _decoded_frames(path, container, stream), fps, start, end, origin,
-                                  _declared_duration(container, stream), allow_truncated)
+        if sparse and fps is not None and origin is not None:
+            decoded = _sparse_frames(path, container, stream, fps, start, end, origin)
+        else:
+            decoded = _decoded_frames(path, container, stream)
+        yield from _sample_stream(path, decoded, fps, start, end, origin, _declared_duration(container, stream),
+                                  allow_truncated)
     finally:
         container.close()
 
@@ -190,6 +198,90 @@ def _decoded_frames(path, container, stream):
         except Exception as e:
             raise VideoReadError(f"{path}: decoding failed: {type(e).__name__}: {e}") from e
         yield frame, (None if frame.pts is None or frame.time_base is None else float(frame.pts * frame.time_base))
+
+
+# Frames in flight between a packet's position in decode order and in presentation order: H.264/HEVC
+# reorder at most 16 pictures (the largest decoded picture buffer), so a frame's presentation successor
+# is among the next REORDER packets. LOOKAHEAD packets are held so that a keyframe and the pictures
+# reordered around it are seen before the packets leading to it are dropped.
+REORDER = 16
+LOOKAHEAD = 64
+
+
+def _sparse_frames(path, container, stream, fps, start, end, origin):
+    """What `_decoded_frames` yields minus frames no sample time shows: the same samples, less decoding.
+
+    Packets are read LOOKAHEAD ahead. A packet is *needed* when a sample time falls between its
+    timestamp and the next timestamp after it (the frame is on screen then; conservative: an unknown
+    successor or timestamp counts as needed). Needed packets decode in full. A run of unneeded packets
+    that ends at a keyframe, whose reordered leading pictures are unneeded too, is dropped without
+    decoding (what a seek to that keyframe would do, without the index lookup: demuxing is cheap).
+    Other unneeded packets decode with `skip_frame = "NONREF"`: reference frames are still decoded
+    (later frames build on them), non-reference ones are skipped.
+    """
+    ctx = stream.codec_context
+    tb = stream.time_base
+    packets = container.demux(stream)
+    window = collections.deque()  # [packet, seconds from origin or None, needed or None (not known yet)]
+    exhausted, first_t, drop = False, None, 0
+
+    def is_needed(i):
+        entry = window[i]
+        if entry[2] is None:
+            t = entry[1]
+            after = [e[1] for e in itertools.islice(window, i + 1, i + 1 + REORDER) if e[1] is not None and e[1] > t]
+            if t is None or t <= first_t + TIME_EPS or not after:
+                entry[2] = True  # unknown time, the first frame (it stands for earlier times) or no successor seen
+            else:
+                k = max(0, math.ceil((t - 2 * TIME_EPS - start) * fps))
+                tk = _sample_time(k, start, fps)
+                # past `end`, the next frame ends the sampling: decode it
+                entry[2] = (end is not None and tk > end + TIME_EPS) or tk <= min(after) + TIME_EPS
+        return entry[2]
+
+    def droppable_run():
+        """Packets from the head up to the next keyframe, when all can go; else 0."""
+        for j in range(1, len(window) - 2 * REORDER):
+            if is_needed(j - 1):
+                return 0
+            if window[j][0].is_keyframe:
+                key_t = window[j][1]
+                if key_t is None or any(window[i][1] is None or (window[i][1] < key_t and is_needed(i))
+                                        for i in range(j + 1, j + 1 + REORDER)):
+                    return 0  # a leading picture (before the keyframe on screen) that a sample shows
+                return j
+        return 0
+
+    while True:
+        while not exhausted and len(window) < LOOKAHEAD:
+            try:
+                packet = next(packets)
+            except StopIteration:
+                exhausted = True
+                break
+            except Exception as e:
+                raise VideoReadError(f"{path}: demuxing failed: {type(e).__name__}: {e}") from e
+            t = None if packet.pts is None else float(packet.pts * tb) - origin
+            window.append([packet, t, None if packet.size else True])  # size 0: the flush packet
+        if not window:
+            return
+        if first_t is None:
+            first_t = min((e[1] for e in window if e[1] is not None), default=math.inf)
+        if drop == 0:
+            drop = droppable_run()
+        if drop:
+            window.popleft()
+            drop -= 1
+            continue
+        ctx.skip_frame = "DEFAULT" if is_needed(0) else "NONREF"
+        packet = window.popleft()[0]
+        try:
+            frames = ctx.decode(packet)
+        except Exception as e:
+            raise VideoReadError(f"{path}: decoding failed: {type(e).__name__}: {e}") from e
+        for frame in frames:
+            yield frame, (None if frame.pts is None or frame.time_base is None
+                          else float(frame.pts * frame.time_base))
 
 
 def _rgb_converter(first):
