@@ -229,7 +229,8 @@ def _sparse_frames(path, container, stream, fps, start, end, origin):
         entry = window[i]
         if entry[2] is None:
             t = entry[1]
-            after = [e[1] for e in itertools.islice(window, i + 1, i + 1 + REORDER) if e[1] is not None and e[1] > t]
+            after = [e[1] for e in itertools.islice(window, i + 1, i + 1 + REORDER)
+                     if e[1] is not None and t is not None and e[1] > t]  # RTSP packets may come without a time
             if t is None or t <= first_t + TIME_EPS or not after:
                 entry[2] = True  # unknown time, the first frame (it stands for earlier times) or no successor seen
             else:
