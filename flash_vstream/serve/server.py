@@ -53,6 +53,9 @@ def build_parser():
     p.add_argument("--idle-timeout", type=float, default=d.idle_timeout_s,
                    help="seconds without activity after which a session is closed")
     p.add_argument("--conv-mode", default=d.conv_mode)
+    p.add_argument("--fast", choices=("off", "auto", "on"), default=d.fast,
+                   help="the realtime fast path per session (CUDA graphs, static-cache decoder; each session builds "
+                        "and compiles its own, 30-50 s on a 7B); off: the stock path")
     p.add_argument("--log-level", default="info")
     return p
 
@@ -73,7 +76,7 @@ def settings_from_args(args):
                     max_video_frames=args.max_video_frames, max_question_chars=args.max_question_chars,
                     max_tokens=args.max_tokens, default_max_tokens=min(64, args.max_tokens),
                     max_pending_questions=args.max_pending_questions, idle_timeout_s=args.idle_timeout,
-                    conv_mode=args.conv_mode)
+                    conv_mode=args.conv_mode, fast=args.fast)
 
 
 class RedactKeys(logging.Filter):

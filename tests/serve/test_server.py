@@ -367,3 +367,35 @@ def test_serve_sh_starts_the_server(tiny_model_dir, tmp_path):
         assert srv.get("/v1/models").json()["data"][0]["id"] == os.path.basename(str(tiny_model_dir))
     finally:
         srv.stop()
+
+
+def test_question_limit_and_a_client_that_does_not_read(server, frames):
+    """A burst of questions over a WebSocket whose client reads nothing meanwhile: over the per-session limit
+    they get 429's code; the others are answered; another session ingests and answers meanwhile."""
+    sid = _fed_session(server, frames, 3)
+    other = _fed_session(server, frames, 1)
+
+    async def burst():
+        async with websockets.connect(f"{server.ws_url}/v1/sessions/{sid}/ws?api_key={KEY}") as ws:
+            await _recv(ws)
+            for i in range(10):
+                await ws.send(json.dumps({"type": "response.create", "question": "and now?", "response_id": f"b{i}",
+                                          "max_tokens": 16}))
+            # not reading: the server neither waits for this client nor holds up another session
+            r = await asyncio.to_thread(server.push, other, frames[1], 1.0)
+            assert r.status_code == 200 and r.json()["frames_seen"] == 2
+            r = await asyncio.to_thread(server.post, f"/v1/sessions/{other}/questions",
+                                        json={"question": "fine?", "max_tokens": 2})
+            assert r.status_code == 200
+            outcome = {}
+            while len(outcome) < 10:
+                event = await _recv(ws)
+                if event["type"] in ("response.done", "error"):
+                    outcome[event["response_id"]] = event.get("code", "done")
+            return outcome
+
+    outcome = asyncio.run(burst())
+    codes = sorted(outcome.values())
+    assert set(codes) == {"done", "too_many_questions"}, outcome
+    for s in (sid, other):
+        server.delete(f"/v1/sessions/{s}")

@@ -85,3 +85,29 @@ def test_200_sessions_leave_nothing_behind(tiny_model_dir, example_mp4, make_vid
         assert 'flash_vstream_sessions{state="running"} 0.0' in metrics
     finally:
         server.stop()
+
+
+@pytest.mark.slow
+def test_idle_sessions_are_closed(tiny_model_dir, example_mp4, tmp_path):
+    """--idle-timeout: a session nobody sends to, asks or watches is closed; one with a WebSocket open is not."""
+    frames = jpeg_frames(example_mp4, n=1)
+    server = RunningServer(tiny_model_dir, "--idle-timeout", 1.0, log_dir=tmp_path)
+    try:
+        idle = server.session()["id"]
+        watched = server.session()["id"]
+        assert server.push(idle, frames[0], 0.0).status_code == 200
+
+        async def watch():
+            async with websockets.connect(f"{server.ws_url}/v1/sessions/{watched}/ws") as ws:
+                await ws.recv()
+                for _ in range(40):
+                    await asyncio.sleep(0.1)
+                    if server.http.get(f"{server.url}/v1/sessions/{idle}", timeout=10).status_code == 404:
+                        break
+                await asyncio.sleep(0.5)
+
+        asyncio.run(watch())
+        assert server.get(f"/v1/sessions/{idle}").status_code == 404
+        assert server.get(f"/v1/sessions/{watched}").status_code == 200
+    finally:
+        server.stop()

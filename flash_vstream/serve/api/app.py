@@ -257,7 +257,7 @@ def lifespan(state):
     async def run(app):
         async def reap():
             while True:
-                await asyncio.sleep(REAP_EVERY_S)
+                await asyncio.sleep(min(REAP_EVERY_S, state.settings.idle_timeout_s / 4))
                 if state.engine is not None:
                     for session_id in await asyncio.to_thread(state.engine.reap_idle):
                         logger.info("session %s closed after %.0f s idle", session_id, state.settings.idle_timeout_s)

@@ -184,8 +184,7 @@ class Engine:
             session = self.sessions.get(session_id)
             if session is None:
                 raise SessionError(404, "session_not_found", f"no session {session_id!r}")
-            session.last_active = time.monotonic()
-            return session
+            return session  # looking at a session is not activity: frames, questions and WebSockets are
 
     def list(self):
         with self._lock:

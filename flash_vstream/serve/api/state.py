@@ -35,6 +35,9 @@ class Settings:
     idle_timeout_s: float = 600.0
     io_threads: int = 8  # the pool that decodes images and runs blocking calls off the event loop
     conv_mode: str = "vicuna_v1"
+    # the fast path (CUDA graphs, static-cache decoder) is one state per StreamSession: every session would build,
+    # capture and compile its own (30-50 s on a 7B), so the server runs the stock path unless asked
+    fast: str = "off"  # "off" | "auto" | "on"
 
     def __post_init__(self):
         if self.model_id is None:
@@ -129,7 +132,8 @@ class ServerState:
 
         def make_stream(fps):
             return StreamSession(model, tokenizer, image_processor, conv_mode=s.conv_mode,
-                                 max_new_tokens=s.max_tokens, video_fps=fps, context_len=context_len)
+                                 max_new_tokens=s.max_tokens, video_fps=fps, context_len=context_len,
+                                 fast={"off": False, "auto": None, "on": True}[s.fast])
 
         self.engine = Engine(make_stream, max_sessions=s.max_sessions, inbox_size=s.inbox_size,
                              max_pending_questions=s.max_pending_questions, idle_timeout_s=s.idle_timeout_s,
