@@ -290,14 +290,11 @@ def _load_session(args):
     tokenizer, model, image_processor, context_len = load_pretrained_model(
         args.model_path, args.model_base, get_model_name_from_path(args.model_path), load_8bit=args.load_8bit,
         load_4bit=args.load_4bit, device=device)
-    from ..runtime.options import FastPathOptions
-
-    fast_path = FastPathOptions.from_cli(args.fast, args.compile_decode).resolve(model.device)  # resolved once
-    print(f"fast path: {fast_path.summary()}", file=sys.stderr, flush=True)
     session = StreamSession(model, tokenizer, image_processor, conv_mode=args.conv_mode,
                             temperature=args.temperature, top_p=args.top_p, max_new_tokens=args.max_new_tokens,
                             conversation=args.conversation, video_fps=args.video_fps, context_len=context_len,
-                            seed=args.seed, fast_path=fast_path)
+                            seed=args.seed, fast=None if args.fast == "auto" else args.fast == "on",
+                            compile_decode=args.compile_decode)
     if session.fast:
         print("preparing the fast path (CUDA graphs; compiling the decode step) ...", file=sys.stderr, flush=True)
         session.warm_up()
