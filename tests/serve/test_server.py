@@ -208,6 +208,10 @@ def test_openai_client_on_a_live_session_and_on_videos(server, frames, media_roo
             {"role": "user", "content": [{"type": "text", "text": "describe it."}, part]}])
         seen = reply.model_extra["flash_vstream"]
         assert seen["frames_seen"] == (1 if part["type"] == "image_url" else 3), part["type"]
+    chunks = list(client.chat.completions.create(model=model, max_tokens=4, stream=True, messages=[
+        {"role": "user", "content": [{"type": "text", "text": "and streamed?"},
+                                     {"type": "video_url", "video_url": {"url": "clip.mp4"}}]}]))
+    assert chunks[-1].model_extra["flash_vstream"]["frames_seen"] == 3
     assert sid in [s["id"] for s in server.get("/v1/sessions").json()["data"]]
     assert len(server.get("/v1/sessions").json()["data"]) == 1  # one-shot sessions are gone
 
