@@ -19,6 +19,7 @@ import os
 import re
 import shutil
 
+import torch
 from transformers import TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
@@ -43,6 +44,14 @@ class CheckpointWriteCallback(TrainerCallback):
 
     def on_checkpoint_writing(self, args, state, control, folder, **kwargs):
         pass
+
+
+def barrier():
+    """Wait for every process of the run. torch.distributed's own barrier: accelerate's
+    `wait_for_everyone` skips it when accelerate does not drive the processes (CPU processes under
+    torchrun without DDP), and a save must never seal before every rank has written its files."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.barrier()
 
 
 def staging_root(run_dir):
@@ -180,10 +189,10 @@ def resolve_auto(run_dir, clean):
 
 
 @contextlib.contextmanager
-def staged_outputs(output_dir, is_main, barrier):
+def staged_outputs(output_dir, is_main):
     """Yield a staging folder for a stage's final outputs; when the block ends, every file in it is
     moved into `output_dir` with one rename each, `config.json` last (a folder whose config is
-    there has its weights). `barrier()` waits for all processes (ZeRO-3 saves write on each rank)."""
+    there has its weights). All processes enter it (a ZeRO-3 save writes on each rank)."""
     staged = os.path.join(staging_root(output_dir), "outputs")
     if is_main:
         shutil.rmtree(staged, ignore_errors=True)  # what a killed save of the outputs left

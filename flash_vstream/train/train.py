@@ -215,7 +215,7 @@ def save_outputs(trainer, model, tokenizer, config, training_args):
     each file whole or absent (a restart with `--resume_from_checkpoint auto` writes them again).
     """
     main = training_args.should_save
-    with staged_outputs(training_args.output_dir, main, trainer.accelerator.wait_for_everyone) as out:
+    with staged_outputs(training_args.output_dir, main) as out:
         if training_args.tune_mm_mlp_adapter:
             save_adapter(model, out, main)
             if main:

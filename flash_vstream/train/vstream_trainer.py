@@ -11,7 +11,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from ..model.builder import ADAPTER_FILE, ADAPTER_PREFIXES
 from ..utils.files import atomic_path
-from .checkpointing import CheckpointWriteCallback, publish, rotate, seal, staging_root
+from .checkpointing import CheckpointWriteCallback, barrier, publish, rotate, seal, staging_root
 
 
 def _gathered(params):
@@ -113,7 +113,7 @@ class VStreamTrainer(Trainer):
         staged = os.path.join(staging_root(run_dir), name)
         if self.args.should_save:
             shutil.rmtree(staged, ignore_errors=True)  # a killed save of the same step
-        self.accelerator.wait_for_everyone()
+        barrier()
         self._staging_root = staging_root(run_dir)
         try:
             super()._save_checkpoint(model, trial, *args, **kwargs)
@@ -124,7 +124,7 @@ class VStreamTrainer(Trainer):
                 callback.on_checkpoint_writing(self.args, self.state, self.control, folder=staged)
         if self.args.tune_mm_mlp_adapter:
             save_adapter(self.model, staged, self.args.should_save)
-        self.accelerator.wait_for_everyone()  # every rank's files are in before the seal
+        barrier()  # every rank's files are in before the seal
         if self.args.should_save:
             seal(staged, self.state.global_step)
             final = os.path.join(run_dir, name)

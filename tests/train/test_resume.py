@@ -320,13 +320,13 @@ def test_rotate_keeps_the_newest_and_the_best(tmp_path):
 
 def test_staged_outputs_move_in_only_when_the_block_ends(tmp_path):
     out = tmp_path / "out"
-    with staged_outputs(str(out), True, lambda: None) as staged:
+    with staged_outputs(str(out), True) as staged:
         (pathlib.Path(staged) / "config.json").write_text("{}")
         (pathlib.Path(staged) / "mm_projector.bin").write_bytes(b"w")
         assert not (out / "config.json").exists()
     assert sorted(os.listdir(out)) == ["config.json", "mm_projector.bin"]
     with pytest.raises(RuntimeError):
-        with staged_outputs(str(out), True, lambda: None) as staged:
+        with staged_outputs(str(out), True) as staged:
             (pathlib.Path(staged) / "mm_projector.bin").write_bytes(b"new")
             raise RuntimeError("killed in the middle")
     assert (out / "mm_projector.bin").read_bytes() == b"w"
