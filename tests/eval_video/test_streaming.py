@@ -7,6 +7,7 @@ import os
 import pytest
 
 from flash_vstream.eval_video import streaming
+from flash_vstream.eval_video.streaming_bench import loaders
 from flash_vstream.eval_video.streaming_bench.loaders import (export_synthetic_streamingbench, load_annotations,
                                                               parse_clock)
 from flash_vstream.eval_video.streaming_bench.scoring import score
@@ -318,6 +319,8 @@ def test_synthetic_benchmark_exports_to_streamingbench_and_scores(tmp_path, tiny
     paths = dataset_paths(root)
     anno = str(root / "streamingbench_synthetic.json")
     n = export_synthetic_streamingbench(paths["test_qa"], anno)
+    assert loaders.main(["--synthetic-qa", paths["test_qa"], "--output", str(root / "again.json")]) == 0
+    assert open(root / "again.json").read() == open(anno).read()  # seeded: the same file every time
     qa = json.load(open(paths["test_qa"]))
     queries, problems = load_annotations("streamingbench", anno)
     assert problems == [] and len(queries) == n > 0

@@ -389,3 +389,22 @@ def export_synthetic_streamingbench(qa_file, output_file, num_options=4, seed=0)
 
     write_json(output_file, entries)
     return len(entries)
+
+
+def main(argv=None):
+    """`python -m flash_vstream.eval_video.streaming_bench.loaders --synthetic-qa QA --output FILE`."""
+    import argparse
+
+    p = argparse.ArgumentParser(description="Export the demo's synthetic test set as a StreamingBench file.")
+    p.add_argument("--synthetic-qa", required=True, help="test_qa.json written by flash_vstream.demo.synthetic")
+    p.add_argument("--output", required=True, help="the StreamingBench-format annotation file to write")
+    p.add_argument("--num-options", type=int, default=4)
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args(argv)
+    n = export_synthetic_streamingbench(args.synthetic_qa, args.output, args.num_options, args.seed)
+    print(f"{n} question(s) -> {args.output}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
