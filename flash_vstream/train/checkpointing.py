@@ -6,7 +6,9 @@ completion marker that lists its files and their sizes, and only then renamed to
 `checkpoint-N` whose marker matches its files. Everything else is named in a warning, skipped and
 removed: the staging folder of a killed save, a `checkpoint-*` folder without a marker (what a
 kill during a save left before this: HF's Trainer writes straight into `checkpoint-N`, and every
-restart then failed with "Can't find a valid checkpoint"), one whose files no longer match.
+restart then failed with "Can't find a valid checkpoint"), one whose files no longer match. A
+marker-less folder that holds its trainer state (maybe whole, from before markers) is skipped but
+kept.
 
 The final outputs (the stage-1 `mm_projector.bin`, a full model, a LoRA adapter) are staged the
 same way and moved into `output_dir` one rename per file, `config.json` last.
@@ -21,6 +23,7 @@ import shutil
 
 import torch
 from transformers import TrainerCallback
+from transformers.trainer import TRAINER_STATE_NAME
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from ..utils.files import write_json
@@ -29,6 +32,7 @@ logger = logging.getLogger(__name__)
 
 MARKER = "checkpoint_complete.json"  # written last into a staged checkpoint: {global_step, files: {path: bytes}}
 STAGING = ".incomplete"  # under output_dir: staged checkpoints and outputs, retired checkpoints
+NO_MARKER = "no completion marker"
 _CHECKPOINT_NAME = re.compile(rf"^{PREFIX_CHECKPOINT_DIR}-(\d+)$")
 
 
@@ -112,7 +116,7 @@ def why_incomplete(folder):
         with open(os.path.join(folder, MARKER)) as f:
             files = json.load(f)["files"]
     except FileNotFoundError:
-        return "no completion marker"
+        return NO_MARKER
     except (OSError, ValueError, KeyError, TypeError) as error:
         return f"unreadable completion marker ({error})"
     for rel, size in files.items():
@@ -169,12 +173,18 @@ def resolve_auto(run_dir, clean):
 
     Incomplete `checkpoint-*` folders are named in a warning and skipped; with `clean` (the main
     process: the others only read) they are removed, and so is the staging folder of killed saves.
+    A folder without a marker but with its trainer state may be a whole checkpoint written before
+    markers existed: it is skipped and left in place (resume from it by its path, or delete it).
     """
     newest = None
     for _, path in reversed(checkpoint_folders(run_dir)):
         why = why_incomplete(path)
         if why is None:
             newest = newest or path
+            continue
+        if why == NO_MARKER and os.path.isfile(os.path.join(path, TRAINER_STATE_NAME)):
+            logger.warning("%s has no completion marker but a trainer state (written before markers?): skipped, "
+                           "left in place; resume from it by its path, or delete it", path)
             continue
         logger.warning("%s is an incomplete checkpoint (%s): skipped%s", path, why, ", removed" if clean else "")
         if clean:

@@ -94,6 +94,9 @@ def _zygote():
 
 
 class Zygote:
+    """The tests' handle on the zygote process: `run` starts one training run and waits for its end
+    (or for it to block, then kills it)."""
+
     def __init__(self):
         self.process = subprocess.Popen([sys.executable, os.path.abspath(__file__)], stdin=subprocess.PIPE,
                                         stdout=subprocess.PIPE, text=True)
@@ -285,6 +288,8 @@ def test_auto_takes_the_newest_sealed_checkpoint_by_step(tmp_path, caplog):
     for step in (2, 9, 10):
         _sealed(tmp_path, step)
     (tmp_path / "checkpoint-12").mkdir()  # no marker
+    (tmp_path / "checkpoint-15").mkdir()  # no marker, but a trainer state: maybe whole, from before markers
+    (tmp_path / "checkpoint-15" / "trainer_state.json").write_text("{}")
     truncated = _sealed(tmp_path, 11)
     (truncated / "optimizer.pt").write_bytes(b"x" * 50)  # its files no longer match the marker
     missing = _sealed(tmp_path, 13)
@@ -296,15 +301,17 @@ def test_auto_takes_the_newest_sealed_checkpoint_by_step(tmp_path, caplog):
 
     with caplog.at_level("WARNING"):
         assert resolve_auto(str(tmp_path), clean=False) == str(tmp_path / "checkpoint-10")
-    assert len(checkpoint_folders(str(tmp_path))) == 6 and (tmp_path / STAGING).exists()  # only the main process cleans
+    assert len(checkpoint_folders(str(tmp_path))) == 7 and (tmp_path / STAGING).exists()  # only the main process cleans
     caplog.clear()
     with caplog.at_level("WARNING"):
         assert resolve_auto(str(tmp_path), clean=True) == str(tmp_path / "checkpoint-10")
-    assert [s for s, _ in checkpoint_folders(str(tmp_path))] == [2, 9, 10]
+    assert [s for s, _ in checkpoint_folders(str(tmp_path))] == [2, 9, 10, 15]
     assert not (tmp_path / STAGING).exists()
     for name in ("checkpoint-11", "checkpoint-12", "checkpoint-13"):
         assert any(name in record.message and "removed" in record.message for record in caplog.records)
     assert any("checkpoint-14" in record.message for record in caplog.records)
+    assert any("checkpoint-15 has no completion marker but a trainer state" in record.message
+               for record in caplog.records)
     assert resolve_auto(str(tmp_path / "absent"), clean=True) is None
 
 
