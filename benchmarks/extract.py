@@ -12,6 +12,10 @@ bf16/fp16 with SDPA attention, at several batch sizes, eager / channels-last / t
 plus the latency of one frame. `--tiny` swaps in the tiny test tower and a couple of
 iterations so it runs anywhere in seconds.
 (d) Optional end to end: `extract_paths` over K copies of the video (`--e2e-copies K`).
+(e) `--e2e`: in one run over the same K copies (default 64): decode-only sampled frames/s in decoder
+processes on all cores (the CPU limit), the thread path end to end (`--pipeline threads`, eager, as
+before), the encoder's frames/s on the process path's (compiled on CUDA) encoder, and the process path
+end to end (`--pipeline processes`) with its GPU busy fraction.
 """
 
 import argparse
@@ -23,7 +27,7 @@ import time
 
 import torch
 
-from benchmarks.common import DTYPES, VIT_L14, environment, random_clip_tower, repeat_ms
+from benchmarks.common import DTYPES, VIT_L14, environment, log, random_clip_tower, repeat_ms
 from flash_vstream.mm_utils import process_images
 from flash_vstream.utils.files import write_json
 from flash_vstream.video_io import iter_frames
@@ -54,7 +58,8 @@ def bench_decode(video, end, repeats):
                 native = n
             rows.append({"backend": backend, "mode": mode, "frames": n, "seconds": round(best, 4),
                          "frames_per_s": round(n / best, 1),
-                         # at 1 fps every source frame is still decoded: this is the source rate
+                         # source seconds covered per second, as frames of the native rate (at 1 fps the
+                         # sparse decoder skips what no sample shows)
                          "source_frames_per_s": round(native / best, 1)})
     return rows
 
@@ -142,6 +147,77 @@ def bench_e2e(video, copies, tower, fps, batch, workers, workdir):
             "frames_per_s": round(report["frames"] / dt, 1), "failed": len(report["failed"])}
 
 
+def bench_e2e_compare(video, copies, tower, fps, batch, old_workers, workdir, compile, save):
+    """(e): decode-only, old (threads) and new (processes) end to end over the same files; `save(results)`
+    after each part so a run cut short keeps what it measured."""
+    from flash_vstream.extract_features import FrameEncoder, _plan, extract_paths
+    from flash_vstream.extraction.decode import decode_only
+    from flash_vstream.extraction.pipeline import run_pipeline
+
+    src = os.path.join(workdir, "videos_compare")
+    os.makedirs(src, exist_ok=True)
+    for i in range(copies):
+        os.symlink(os.path.abspath(video), os.path.join(src, f"copy{i}.mp4"))
+    paths = sorted(os.listdir(src))
+    dtype = "bf16" if tower.dtype == torch.bfloat16 else "fp16" if tower.dtype == torch.float16 else "fp32"
+    out = {"files": copies, "fps": fps, "batch": batch, "cpus": os.cpu_count()}
+
+    def plan(name):
+        report = {"done": [], "skipped": [], "failed": []}
+        jobs = _plan(paths, src, os.path.join(workdir, name), tower.hidden_size, tower.num_patches, fps, True, report)
+        return jobs
+
+    out["decode_only"] = decode_only(plan("unused"), fps)
+    log(f"decode only ({out['decode_only']['workers']} processes): {out['decode_only']['frames_per_s']} frames/s")
+    save(out)
+    t0 = time.perf_counter()
+    report = extract_paths(paths, src, os.path.join(workdir, "old"), tower, fps=fps, batch_size=batch,
+                           num_workers=old_workers, overwrite=True, progress=False, dtype=dtype, pipeline="threads")
+    dt = time.perf_counter() - t0
+    out["old"] = {"pipeline": "threads", "workers": old_workers, "frames": report["frames"], "seconds": round(dt, 3),
+                  "frames_per_s": round(report["frames"] / dt, 1), "failed": len(report["failed"])}
+    log(f"old path (threads): {out['old']['frames_per_s']} frames/s")
+    save(out)
+
+    x = torch.randn(batch, 3, tower.config.image_size, tower.config.image_size, device=tower.device,
+                    dtype=tower.dtype)
+    try:
+        encoder = FrameEncoder(tower, dtype=dtype, compile=compile)
+        with torch.inference_mode():
+            encoder.features(x)  # compiles (regional, dynamic shapes) before anything is timed
+    except Exception as e:  # measured eager instead, and said so
+        out["compile_error"] = f"{type(e).__name__}: {e}"
+        log(f"compiled encoder failed ({out['compile_error']}); eager")
+        compile = False
+        encoder = FrameEncoder(tower, dtype=dtype, compile=False)
+    with torch.inference_mode():
+        ms = statistics.median(repeat_ms(tower.device, lambda i: encoder.features(x), 10, 2))
+    out["encoder"] = {"compile": compile, "batch": batch, "frames_per_s": round(batch / ms * 1e3, 1)}
+    log(f"encoder (compile={compile}): {out['encoder']['frames_per_s']} frames/s")
+    save(out)
+    metadata = {"extractor_version": "benchmark", "vision_tower": "random", "select_layer": tower.select_layer,
+                "image_aspect_ratio": "pad", "dtype": dtype, "backend": "pyav"}
+    workers = os.cpu_count() or 1
+    warm = plan("new_warmup")  # a short run first: the pipeline's first batches and the page cache warm
+    run_pipeline(warm[: max(1, len(warm) // 8)], encoder, metadata, fps, "pyav", batch, None, workers, 1,
+                 {"done": [], "skipped": [], "failed": []}, False)
+    report = {"done": [], "skipped": [], "failed": []}
+    jobs = plan("new")
+    t0 = time.perf_counter()
+    done, frames, stats = run_pipeline(jobs, encoder, metadata, fps, "pyav", batch, None, workers, 1, report, False)
+    dt = time.perf_counter() - t0
+    out["new"] = {"pipeline": "processes", "workers": stats["decode_workers"], "frames": frames,
+                  "seconds": round(dt, 3), "frames_per_s": round(frames / dt, 1), "failed": len(report["failed"]),
+                  "gpu_busy_fraction": stats["gpu_busy_fraction"], "compile": compile}
+    limit = min(out["decode_only"]["frames_per_s"], out["encoder"]["frames_per_s"])
+    out["new_over_limit"] = round(out["new"]["frames_per_s"] / limit, 3)
+    out["new_over_old"] = round(out["new"]["frames_per_s"] / out["old"]["frames_per_s"], 2)
+    log(f"new path (processes): {out['new']['frames_per_s']} frames/s, GPU busy {stats['gpu_busy_fraction']}, "
+        f"{out['new_over_limit']:.0%} of min(decode, encoder), {out['new_over_old']}x the old path")
+    save(out)
+    return out
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--output", required=True, help="JSON file for the results")
@@ -156,7 +232,10 @@ def main(argv=None):
     p.add_argument("--end", type=float, default=None, help="decode only this many seconds of the video")
     p.add_argument("--e2e-copies", type=int, default=0, help="also run extract_paths over this many copies")
     p.add_argument("--e2e-fps", type=float, default=1.0)
-    p.add_argument("--e2e-workers", type=int, default=8)
+    p.add_argument("--e2e-workers", type=int, default=8, help="decoder threads of the old path")
+    p.add_argument("--e2e", action="store_true",
+                   help="(e): decode-only, old and new path end to end over the same files (--e2e-copies, default 64)")
+    p.add_argument("--no-compile", action="store_true", help="(e): the new path's encoder eager")
     args = p.parse_args(argv)
 
     iters, warmup, repeats = (2, 1, 1) if args.tiny else (args.iters, 3, 3)
@@ -192,6 +271,15 @@ def main(argv=None):
                 results["e2e"] = bench_e2e(args.video, args.e2e_copies, tower, args.e2e_fps,
                                            64, args.e2e_workers, workdir)
                 print(f"end to end: {results['e2e']}")
+            if args.e2e:
+                def save(part):
+                    results["e2e_compare"] = part
+                    os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
+                    write_json(args.output, results, indent=1)
+
+                bench_e2e_compare(args.video, args.e2e_copies or (4 if args.tiny else 64), tower, args.e2e_fps,
+                                  8 if args.tiny else 64, args.e2e_workers, workdir,
+                                  device.type == "cuda" and not args.no_compile, save)
 
     os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
     write_json(args.output, results, indent=1)

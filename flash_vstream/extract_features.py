@@ -176,11 +176,14 @@ class FrameEncoder:
         pixels = process_images(frames, self.image_processor, self.image_aspect_ratio)  # (B, 3, S, S)
         return pixels.pin_memory() if self.on_cuda else pixels
 
+    def features(self, pixels):
+        """Pixels (B, 3, S, S) on the tower's device and dtype -> features (B, 256, D) there, output dtype."""
+        return self._forward(pixels).to(dtype=self.out_dtype)
+
     def encode(self, pixels):
         with torch.inference_mode():
             pixels = pixels.to(self.tower.device, dtype=self.tower.dtype, non_blocking=True)
-            features = self._forward(pixels)  # (B, 256, D)
-            return features.to(dtype=self.out_dtype).cpu()
+            return self.features(pixels).cpu()  # (B, 256, D)
 
 
 def _tower_shape(vision_tower):
@@ -344,27 +347,33 @@ def _run(jobs, encoder, metadata, fps, backend, batch_size, end, num_workers, de
 
 def extract_paths(paths, input_root, output_dir, vision_tower, fps=1.0, dtype="fp16", device="cpu",
                   batch_size=64, image_aspect_ratio="pad", backend="pyav", overwrite=False,
-                  num_workers=4, decode_threads=None, end=None, compile=False, report_path=None, failed=None,
-                  progress=True):
+                  num_workers=None, decode_threads=None, end=None, compile=False, report_path=None, failed=None,
+                  progress=True, pipeline="threads"):
     """Extract features of `paths` (relative to `input_root`, or absolute) into `output_dir`.
 
     `vision_tower` is a CLIP checkpoint path or a built CLIPVisionTower. Returns the report
     `{"done": [...], "skipped": [...], "failed": [{"file", "error"}], ...}` (sources as read),
     also written to `report_path` when given. `failed` seeds the failures (list entries with
-    no file). Video frames are decoded lazily by `num_workers` threads and encoded in batches
+    no file). Video frames are decoded lazily by `num_workers` decoders and encoded in batches
     of `batch_size`, each decoder using `decode_threads` threads (default: the cores shared
     among the workers); `end` (seconds) cuts every video there. The tower is loaded only when
-    some file needs extracting.
+    some file needs extracting. `pipeline`: "threads" (decoder threads, CLIP preprocessing with
+    the processor on the CPU; 4 workers by default) or "processes" (flash_vstream.extraction: decoder
+    processes, one per core by default, preprocessing batched on the encoder's device).
     """
+    if pipeline not in ("threads", "processes"):
+        raise ValueError(f"pipeline must be 'threads' or 'processes', got {pipeline!r}")
     started = time.time()
     report = {"done": [], "skipped": [], "failed": list(failed or [])}
     hidden_size, num_patches = _tower_shape(vision_tower)
     jobs = _plan(paths, input_root, output_dir, hidden_size, num_patches, fps, overwrite, report)
+    if num_workers is None:
+        num_workers = (os.cpu_count() or 1) if pipeline == "processes" else 4
     num_workers = max(1, min(num_workers, len(jobs)))
     if decode_threads is None:
         decode_threads = max(1, (os.cpu_count() or 1) // num_workers)
     tower_name = getattr(vision_tower, "vision_tower_name", vision_tower)
-    done, frames = [], 0
+    done, frames, stats = [], 0, {}
     if jobs:
         encoder = FrameEncoder(vision_tower, device=device, dtype=dtype, image_aspect_ratio=image_aspect_ratio,
                                compile=compile)
@@ -372,12 +381,18 @@ def extract_paths(paths, input_root, output_dir, vision_tower, fps=1.0, dtype="f
         metadata = {"extractor_version": EXTRACTOR_VERSION, "vision_tower": tower_name,
                     "select_layer": encoder.tower.select_layer, "image_aspect_ratio": image_aspect_ratio,
                     "dtype": dtype, "backend": backend}
-        done, frames = _run(jobs, encoder, metadata, fps, backend, batch_size, end, num_workers, decode_threads,
-                            report, progress)
+        if pipeline == "processes":
+            from .extraction.pipeline import run_pipeline
+
+            done, frames, stats = run_pipeline(jobs, encoder, metadata, fps, backend, batch_size, end, num_workers,
+                                               decode_threads, report, progress)
+        else:
+            done, frames = _run(jobs, encoder, metadata, fps, backend, batch_size, end, num_workers,
+                                decode_threads, report, progress)
     report["done"] = [job.source for job in sorted(done, key=lambda j: j.index)]
     elapsed = time.time() - started
-    report.update(frames=frames, seconds=round(elapsed, 3), frames_per_second=round(frames / elapsed, 2),
-                  settings={"fps": fps, "dtype": dtype, "device": str(device), "vision_tower": str(tower_name),
+    report.update(frames=frames, seconds=round(elapsed, 3), frames_per_second=round(frames / elapsed, 2), **stats,
+                  settings={"pipeline": pipeline, "fps": fps, "dtype": dtype, "device": str(device), "vision_tower": str(tower_name),
                             "batch_size": batch_size, "backend": backend, "num_workers": num_workers,
                             "decode_threads": decode_threads, "image_aspect_ratio": image_aspect_ratio,
                             "end": end, "extractor_version": EXTRACTOR_VERSION})
@@ -402,7 +417,11 @@ def build_parser():
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                    help="cpu or cuda (cuda uses $LOCAL_RANK when set)")
     p.add_argument("--batch-size", type=int, default=64, help="frames per encoder batch")
-    p.add_argument("--num-workers", type=int, default=4, help="files decoded at once (one thread each)")
+    p.add_argument("--num-workers", type=int, default=None,
+                   help="files decoded at once: processes (default one per core) or threads (default 4)")
+    p.add_argument("--pipeline", choices=["auto", "processes", "threads"], default="auto",
+                   help="processes: decoder processes, preprocessing on the device (auto: on CUDA); "
+                        "threads: decoder threads, the processor on the CPU (auto: on CPU)")
     p.add_argument("--decode-threads", type=int, default=None,
                    help="FFmpeg threads per decoder (default: CPU cores / workers)")
     p.add_argument("--list", default=None,
@@ -427,13 +446,16 @@ def main(argv=None):
     lo, hi = shard_bounds(len(paths), num_chunks, chunk_idx)
     mlo, mhi = shard_bounds(len(missing), num_chunks, chunk_idx)
     os.makedirs(args.output, exist_ok=True)
+    device = resolve_device(args.device)
+    pipeline = args.pipeline if args.pipeline != "auto" else (
+        "processes" if torch.device(device).type == "cuda" else "threads")
     report_path = os.path.join(args.output, report_name(num_chunks, chunk_idx))
     report = extract_paths(
         paths[lo:hi], input_root, args.output, args.vision_tower, fps=args.fps, dtype=args.dtype,
-        device=resolve_device(args.device), batch_size=args.batch_size,
+        device=device, batch_size=args.batch_size,
         image_aspect_ratio=args.image_aspect_ratio, backend=args.backend, overwrite=args.overwrite,
         num_workers=args.num_workers, decode_threads=args.decode_threads, end=args.end, compile=args.compile,
-        report_path=report_path, failed=missing[mlo:mhi], progress=not args.no_progress)
+        report_path=report_path, failed=missing[mlo:mhi], progress=not args.no_progress, pipeline=pipeline)
     shard = f" (shard {chunk_idx + 1}/{num_chunks})" if sharded else ""
     print(f"extract_features{shard}: {len(report['done'])} done, {len(report['skipped'])} skipped, "
           f"{len(report['failed'])} failed, {report['frames']} frames in {report['seconds']:.1f}s; "
