@@ -9,7 +9,9 @@ Each input `<INPUT>/<rel>.<ext>` becomes `<OUTPUT>/<rel>.safetensors` with tenso
 skipped; outputs are written under a temporary name and renamed. Shards with
 --num-chunks/--chunk-idx or torchrun's RANK/WORLD_SIZE/LOCAL_RANK. Ends with a report
 `extract_report.json` (per shard: `extract_report.chunk{I}of{N}.json`) and exit status 1 when
-any file failed.
+any file failed. `--pipeline processes` (the default on CUDA) decodes in one process per core and
+preprocesses on the device (flash_vstream.extraction); `--pipeline threads` decodes in threads and
+preprocesses with the CLIP processor on the CPU.
 
 The published repository never shipped this step (it lived in a zip attached to an issue).
 """
