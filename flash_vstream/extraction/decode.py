@@ -72,7 +72,10 @@ class DecodeStream(IterableDataset):
 def _frames(index, frames, times):
     if len({f.shape for f in frames}) > 1:  # a mid-file size change: not one tensor
         raise VideoReadError(f"frames of different sizes {sorted({f.shape for f in frames})}")
-    return {"tag": "frames", "job": index, "frames": torch.from_numpy(np.stack(frames)), "times": list(times)}
+    # stacked straight into shared memory: the DataLoader then passes it on without another copy
+    stacked = torch.empty((len(frames),) + frames[0].shape, dtype=torch.uint8).share_memory_()  # (b, H, W, 3)
+    np.stack(frames, out=stacked.numpy())
+    return {"tag": "frames", "job": index, "frames": stacked, "times": list(times)}
 
 
 def decode_only(jobs, fps, backend="pyav", end=None, num_workers=None, threads=1, start_method=None):
