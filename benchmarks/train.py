@@ -28,6 +28,7 @@ import argparse
 import json
 import os
 import shlex
+import shutil
 import socket
 import subprocess
 import sys
@@ -199,7 +200,7 @@ def worker(metrics_file, argv):
 
 
 def stage_argv(root, stage, name, build, checkpointing, zero, extra, args):
-    out = f"{root}/stage{stage}-{name}"
+    out = f"{args.scratch_dir or root}/stage{stage}-{name}"
     argv = ["--model_name_or_path", f"{root}/llm", "--vision_tower", f"{root}/clip", "--use_features", "True",
             "--video_folder", f"{root}/features", "--data_path", f"{root}/data.json", "--output_dir", out,
             *(["--bf16", "True"] if args.device == "cuda" else ["--use_cpu", "True"]),
@@ -216,8 +217,8 @@ def stage_argv(root, stage, name, build, checkpointing, zero, extra, args):
                  "--dataloader_persistent_workers", "True"]
     if stage == 1:
         argv += ["--tune_mm_mlp_adapter", "True"]
-    elif os.path.exists(f"{root}/stage1-fast/mm_projector.bin"):
-        argv += ["--pretrain_mm_mlp_adapter", f"{root}/stage1-fast/mm_projector.bin"]
+    elif os.path.exists(f"{args.scratch_dir or root}/stage1-fast/mm_projector.bin"):
+        argv += ["--pretrain_mm_mlp_adapter", f"{args.scratch_dir or root}/stage1-fast/mm_projector.bin"]
     if stage == 2 and args.stage2_fp32_master and zero == "none":
         argv += ["--trained_weights_fp32", "True", "--optim", "adamw_torch_fused"]
     return argv + list(extra)
@@ -246,6 +247,8 @@ def run_stage(root, stage, name, build, checkpointing, extra, args):
     for rank in range(args.gpus):
         with open(f"{metrics_file}.rank{rank}") as f:
             ranks.append(json.load(f))
+    if not (stage == 1 and name == "fast"):  # stage 2 starts from the fast stage-1 adapter; a 7B save is 14-27 GB
+        shutil.rmtree(f"{args.scratch_dir or root}/stage{stage}-{name}", ignore_errors=True)
     return {**head, **summarize_stage(stage, ranks, time.time() - started, args)}
 
 
@@ -254,8 +257,9 @@ def median(values):
     return values[len(values) // 2] if values else 0.0
 
 
-def phase_split(steps):
-    """Median seconds of each phase over the timed steps; data wait is the gap since the last step's end."""
+def phase_split(steps, average=None):
+    """Mean seconds of each phase over the timed steps (they add up to the mean step), or `average=median`;
+    data wait is the gap since the last step's end (the Trainer's logging included)."""
     out = {p: [] for p in PHASES}
     for previous, mark in zip(steps, steps[1:]):
         if not {"forward_start", "forward_end", "optimizer_start", "optimizer_end"} <= set(mark):
@@ -268,7 +272,8 @@ def phase_split(steps):
         out["backward"].append(mark["optimizer_start"] - mark["forward_end"])
         out["optimizer"].append(mark["optimizer_end"] - mark["optimizer_start"])
         out["rest"].append(mark["end"] - mark["optimizer_end"])
-    return {p: median(v) for p, v in out.items()}
+    average = average or (lambda v: sum(v) / len(v) if v else 0.0)
+    return {p: average(v) for p, v in out.items()}
 
 
 def summarize_stage(stage, ranks, wall_s, args):
@@ -282,7 +287,8 @@ def summarize_stage(stage, ranks, wall_s, args):
     phases = phase_split(steps)
     return {"gpus": args.gpus, "wall_s": round(wall_s, 1), "steps": len(lead["steps"]), "first_loss": losses[0],
             "last_loss": losses[-1], "step_s": step_s, "samples_per_s": args.batch * args.gpus / step_s,
-            "phases_s": phases, "memory_build_share": phases["memory_build"] / step_s,
+            "phases_s": phases, "phases_median_s": phase_split(steps, median),
+            "memory_build_share": phases["memory_build"] / step_s,
             "peak_gib_per_gpu": max(r["peak_bytes"] for r in ranks) / 2**30,
             "reserved_gib_per_gpu": max(r["reserved_bytes"] for r in ranks) / 2**30,
             "trainable_params": lead["trainable"]}
@@ -367,6 +373,8 @@ def main(argv=None):
     parser.add_argument("--workers", type=int, default=8, help="dataloader workers per process")
     parser.add_argument("--device", default="cuda", choices=("cuda", "cpu"), help="cpu: a smoke run only")
     parser.add_argument("--stages", default="1,2", help="which stages to run")
+    parser.add_argument("--scratch-dir", help="where runs save what train() writes (default: OUTPUT_DIR/work); "
+                                              "a 7B stage-2 save is 27 GB, a RAM disk saves a minute")
     parser.add_argument("--no-baseline", action="store_true", help="skip the per-sample (forward) baseline runs")
     parser.add_argument("--stage1-checkpointing", default="False", help="gradient checkpointing of the fast run")
     parser.add_argument("--stage2-checkpointing", default="True", help="gradient checkpointing of the fast run")

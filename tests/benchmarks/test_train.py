@@ -11,6 +11,21 @@ from benchmarks import train as bench_train
 from support import REPO
 
 
+def test_random_weights_cover_every_tensor_without_initialisers():
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    with torch.device("meta"):
+        model = LlamaForCausalLM(LlamaConfig(vocab_size=300, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                             num_attention_heads=4))
+    state = bench_train.random_state_dict(model)
+    assert state.keys() == model.state_dict().keys()
+    assert all(state[k].shape == v.shape for k, v in model.state_dict().items())
+    assert torch.equal(state["model.norm.weight"], torch.ones(32, dtype=torch.bfloat16))
+    q, k = state["model.layers.0.self_attn.q_proj.weight"], state["model.layers.0.self_attn.k_proj.weight"]
+    assert 0.01 < q.float().std() < 0.03 and not torch.equal(q, k)
+
+
 def test_model_flops_per_token_by_stage():
     # stage 1 trains only the adapter under the frozen LLM: forward 2N + activation gradients 2N
     assert bench_train.flops_per_token(1, 10) == 40
@@ -32,6 +47,12 @@ def test_two_process_zero2_then_zero3_on_cpu(tmp_path):
     for stage in (stage1, stage2):
         assert "error" not in stage
         assert stage["steps"] == 5 and stage["samples_per_s"] > 0 and stage["mfu"] > 0
+    # the per-sample baseline ran in the same invocation, and every run splits its step into phases
+    assert [(b["stage"], b["memory_build"]) for b in report["baseline"]] == [(1, "forward"), (2, "forward")]
+    assert all(s["memory_build"] == "dataloader" and s["samples_per_s"] > 0 for s in (stage1, stage2))
+    for run in report["baseline"] + report["stages"]:
+        assert set(run["phases_s"]) == set(bench_train.PHASES) and run["phases_s"]["forward"] > 0
+        assert 0 <= run["memory_build_share"] < 1
     # stage 1: projector + Semantic Attention only; stage 2: everything but the vision tower
     assert stage1["trainable_params"] < report["llm_params"] / 10 < stage2["trainable_params"]
     assert stage2["trainable_params"] > report["llm_params"]  # the LLM plus the adapter
