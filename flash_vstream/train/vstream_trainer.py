@@ -69,7 +69,7 @@ class ModalityLengthGroupedSampler(Sampler):
         self.epoch = epoch
 
     def __iter__(self):
-        generator = torch.Generator().manual_seed(self.seed + self.epoch)
+        generator = torch.Generator().manual_seed(self.seed + self.epoch)  # (seed, epoch) alone: resume replays it
         groups = []
         for keep in (lambda n: n > 0, lambda n: n <= 0):
             index = [i for i in torch.randperm(len(self.lengths), generator=generator).tolist()

@@ -274,6 +274,21 @@ def test_kill_before_the_final_outputs_then_auto_resume(workdir, tiny_clip_dir, 
     assert json.loads((out / "config.json").read_text())["model_type"] == "vstream"
 
 
+def test_grouped_sampler_order_is_a_function_of_seed_and_epoch():
+    """A resumed run rebuilds its sampler: its order must come from (seed, epoch) alone."""
+    from flash_vstream.train.vstream_trainer import ModalityLengthGroupedSampler
+
+    lengths = [5, -3, 7, 2, -8, 4, 6, -1, 9, 3, -2, 8]
+
+    def order(seed, epoch):
+        sampler = ModalityLengthGroupedSampler(lengths, batch_size=2, world_size=1, seed=seed)
+        sampler.set_epoch(epoch)
+        return list(sampler)
+
+    assert order(0, 1) == order(0, 1) and sorted(order(0, 1)) == list(range(len(lengths)))
+    assert order(0, 1) != order(0, 0) and order(2, 0) != order(0, 0)
+
+
 def _sealed(run_dir, step):
     folder = run_dir / f"checkpoint-{step}"
     folder.mkdir(parents=True)
