@@ -239,6 +239,8 @@ def run_stage(root, stage, name, build, checkpointing, extra, args):
                "127.0.0.1", "--master_port", port, "-m", "benchmarks.train", "--worker", metrics_file, *argv]
     started = time.time()
     result = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=REPO)
+    if "--gradient_checkpointing" in extra:  # a variant's flags override the fast run's choice
+        checkpointing = extra[extra.index("--gradient_checkpointing") + 1] == "True"
     head = {"stage": stage, "run": name, "memory_build": build, "gradient_checkpointing": checkpointing,
             "zero": os.path.basename(zero), "flags": " ".join(extra)}
     if result.returncode:
