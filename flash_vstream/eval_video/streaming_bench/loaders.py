@@ -348,9 +348,9 @@ def group_by_video(queries):
 def export_synthetic_streamingbench(qa_file, output_file, num_options=4, seed=0):
     """Write the demo's synthetic test set (`test_qa.json` from flash_vstream.demo.synthetic) as a
     StreamingBench `questions_real.json`: each open question becomes a multiple-choice one whose wrong
-    options are other answers of the same family (seeded), `task_type` is the family, `time_stamp` the
-    question time and `video_path` the item's video path (relative to the data folder). Wrong options
-    that the set lacks come from the generator's vocabulary (colours, shapes, yes / no). Returns the count."""
+    options are drawn (seeded) from the answer's own vocabulary (colours, shapes, yes / no; otherwise the
+    family's other answers), `task_type` is the family, `time_stamp` the question time and `video_path` the
+    item's video path (relative to the data folder). Returns the count."""
     import random
 
     from flash_vstream.demo.synthetic import COLORS, SHAPES
@@ -366,10 +366,9 @@ def export_synthetic_streamingbench(qa_file, output_file, num_options=4, seed=0)
     rng = random.Random(seed)
     entries = []
     for it in items:
-        others = [a for a in answers[it["answer_type"]] if a != it["answer"]]
-        for vocabulary in vocabularies:
-            if it["answer"] in vocabulary:
-                others += [a for a in vocabulary if a != it["answer"] and a not in others]
+        # wrong options of the answer's own kind (a colour for a colour), else the family's other answers
+        kind = next((v for v in vocabularies if it["answer"] in v), answers[it["answer_type"]])
+        others = [a for a in kind if a != it["answer"]]
         options = [it["answer"], *rng.sample(others, min(num_options - 1, len(others)))]
         if len(options) < 2:
             raise ValueError(f"{qa_file}: item {it.get('id')!r}: no wrong option for answer {it['answer']!r}")
