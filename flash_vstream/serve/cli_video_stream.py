@@ -36,7 +36,7 @@ import time
 
 from ..features import FeatureLoadError
 from ..video_io import VideoReadError
-from .engine import END_OF_STREAM, POLL_S, STOP, Control, Due, RealtimeEngine
+from .engine import END_OF_STREAM, POLL_S, STOP, Control, Due, Engine
 from .session import QuestionSchedule, StreamSession
 from .sources import open_source
 from .telemetry import EventLog, format_summary
@@ -290,11 +290,14 @@ def _load_session(args):
     tokenizer, model, image_processor, context_len = load_pretrained_model(
         args.model_path, args.model_base, get_model_name_from_path(args.model_path), load_8bit=args.load_8bit,
         load_4bit=args.load_4bit, device=device)
+    from ..runtime.options import FastPathOptions
+
+    fast_path = FastPathOptions.from_cli(args.fast, args.compile_decode).resolve(model.device)  # resolved once
+    print(f"fast path: {fast_path.summary()}", file=sys.stderr, flush=True)
     session = StreamSession(model, tokenizer, image_processor, conv_mode=args.conv_mode,
                             temperature=args.temperature, top_p=args.top_p, max_new_tokens=args.max_new_tokens,
                             conversation=args.conversation, video_fps=args.video_fps, context_len=context_len,
-                            seed=args.seed, fast=None if args.fast == "auto" else args.fast == "on",
-                            compile_decode=args.compile_decode)
+                            seed=args.seed, fast_path=fast_path)
     if session.fast:
         print("preparing the fast path (CUDA graphs; compiling the decode step) ...", file=sys.stderr, flush=True)
         session.warm_up()
@@ -343,8 +346,8 @@ def main(argv=None, stdin=None, stdout=None):
     code = 1
     try:
         schedule = QuestionSchedule(questions) if questions is not None else None
-        engine = RealtimeEngine(session, source, play_speed=args.play_speed, schedule=schedule,
-                                frame_queue_size=args.frame_queue_size, log=log, log_every=args.log_every)
+        engine = Engine(session, source, play_speed=args.play_speed, schedule=schedule,
+                        inbox_size=args.frame_queue_size, log=log, log_every=args.log_every)
         log.write("start", argv=list(sys.argv[1:] if argv is None else argv), device=device,
                   source=source.describe(), live=source.live, drop_oldest=engine.drop_oldest,
                   mode="scripted" if schedule is not None else "interactive")

@@ -1,19 +1,21 @@
-"""The realtime engine: the process shell around synchronous `StreamSession`s (DESIGN §7).
+"""The engine: one model, sessions as state, the lanes that drive the model.
 
-The engine holds sessions keyed by id -- each a `Stream`: the `StreamSession` (its STAR memory on the
-shared model), its frame source, its scripted `QuestionSchedule`, its queues and counters -- and runs
-the roles around them:
+The realtime CLI (one session) and the streaming server (many sessions, added and removed while it
+runs) run this one engine. A session is a `Stream`: the `StreamSession` (its STAR memory on the shared
+model), a bounded `Inbox` of frames, its questions, an optional scripted `QuestionSchedule`, its
+state and counters. The roles around the sessions:
 
-  frame source      one thread per session; decodes the file / camera / URL and paces it to the wall
-                    clock at `video_fps x play_speed`; puts frames into the session's bounded queue.
-  frame handler     one thread for all sessions; each tick (`step`) takes at most one queued frame from
-                    every session, round robin, and ingests them (CLIP encode + memory update + publish).
-                    It is the one place that feeds frames to the model: where several sessions' frames
-                    can later become one CLIP batch (`_ingest` gets the whole tick).
-  question handler  the caller's thread(s); reads the session's work queue (`next_work`: questions the
-                    schedule made due, lines a person typed, control messages) and answers with
-                    `answer`, from a snapshot. The CLI runs one on its main thread; a server runs one
-                    per session, so the answers of one session never wait for another's.
+  frame source   one thread per session that reads a source (file, camera, URL, one-shot media);
+                 it decodes and paces the frames to the wall clock at `video_fps x play_speed` and
+                 puts them into the inbox. Pushed frames (`push_frame`) need no thread.
+  ingest lane    one thread for all sessions; each tick (`step`) takes at most one queued frame from
+                 every running session, round robin, and ingests them (CLIP encode + memory update +
+                 publish). It is the one place that feeds frames to the model: where the sessions'
+                 frames can later become one CLIP batch (`_ingest` gets the whole tick).
+  answer lane    where a question runs `StreamSession.ask` on the snapshot it was asked on:
+                 `answer_lane=True` runs one thread that takes one queued question (`ask`) from the
+                 next session that has one, round robin (the server); without it `answer` runs the
+                 question on the caller's thread (the CLI's main thread, or a thread per session).
 
 Why threads and not processes (the published CLI used three processes): torch releases the GIL
 inside every kernel and PyAV while decoding, so the roles overlap on CPU and GPU; threads share the
@@ -22,19 +24,29 @@ the model into another process and copied the whole, ever-growing frame buffer t
 list on every update. On a CPU each role runs its own torch thread team; on a busy machine set
 OMP_NUM_THREADS to about half the cores so the two teams do not spin against each other.
 
-Who waits for whom: ingesting never waits for answers (the frame handler only publishes snapshots and
-queues due questions); an answer takes a snapshot and never waits for the frame backlog. A session's
-frame queue is bounded: a file or synthetic source blocks when it is full (no frame is ever dropped,
-so a scripted run is deterministic), a live source (camera, URL) drops the oldest queued frame and
-counts it. Every queue wait has a timeout (POLL_S); end of stream and stop travel as control
-messages; the first error in any role stops every role (`error` holds it).
+Who waits for whom: ingesting never waits for answers (the ingest lane only publishes snapshots and
+queues due questions); an answer takes a snapshot and never waits for the frame backlog. An inbox
+is bounded: a file or synthetic source waits for room (no frame is dropped, so a scripted run is
+deterministic); a live source (camera, URL) and pushed frames push out the oldest queued frame and
+count it as dropped. Every wait has a timeout (POLL_S); the end of a stream travels through the
+inbox as END_OF_STREAM, so a session ends once its last frame is in the memory.
+
+Failures follow `on_error`: "stop" (the CLI) -- the first error in any role stops every role and
+`error` holds it; "session" (the server) -- a failing source or frame fails its session only (state
+"failed", the memory stays for questions until the session is removed), a failing answer goes to
+its asker, and the lanes go on.
 
 Scripted questions: a session's `QuestionSchedule` says which questions are due around each frame
-(the rule `StreamSession.run_timeline` runs synchronously); the frame handler hands each due question
-the exact snapshot it is due on and goes on ingesting, so the answers do not depend on timing.
+(the rule `StreamSession.run_timeline` runs synchronously); the ingest lane hands each due question,
+with the exact snapshot it is due on, to the session's work queue (`next_work`) and goes on
+ingesting, so the answers do not depend on timing. Callbacks (`on_text`, futures) run on the lanes'
+threads; an async caller hands them to its event loop.
 """
 
+import collections
+import concurrent.futures
 import dataclasses
+import math
 import queue
 import threading
 import time
@@ -44,10 +56,12 @@ from ..video_io import VideoReadError
 from .session import EmptyStreamError, state_nbytes
 from .telemetry import EventLog, role_stats, rss_bytes
 
-POLL_S = 0.1  # every queue wait wakes at least this often to look at the stop flag
+POLL_S = 0.1  # every wait wakes at least this often to look at the stop flag
 JOIN_TIMEOUT_S = 10.0
 DEFAULT_SESSION = "main"  # the id of the session given to the constructor (the CLI's one session)
 WORK_ROOM = 256  # a work queue's room beyond the scripted questions: lines a person types
+STATES = ("running", "ended", "failed")
+ON_ERROR = ("stop", "session")
 
 
 class Control:
@@ -64,6 +78,14 @@ END_OF_STREAM = Control("end of stream")
 STOP = Control("stop")
 
 
+class SessionError(Exception):
+    """A request the session cannot take now; `status` is the HTTP status that says why."""
+
+    def __init__(self, status, code, message):
+        super().__init__(message)
+        self.status, self.code, self.message = status, code, message
+
+
 @dataclasses.dataclass
 class Due:
     """A scripted question that became due, with the snapshot it is answered from."""
@@ -73,95 +95,259 @@ class Due:
     at: float  # perf_counter when it became due
 
 
-class Stream:
-    """One session as the engine holds it. Counters are written by the engine's threads only."""
+@dataclasses.dataclass
+class QuestionJob:
+    """A question on its way through the answer lane; `future` gives its `AnswerResult`."""
 
-    def __init__(self, session_id, session, source, schedule, play_speed, frame_queue_size, drop_oldest):
+    question: str
+    snapshot: object  # the MemorySnapshot the question is answered from
+    on_text: object = None  # on_text(piece), on the thread that answers
+    max_tokens: int | None = None  # None: the session's own settings
+    temperature: float | None = None
+    arrived: float = dataclasses.field(default_factory=time.perf_counter)
+    cancelled: threading.Event = dataclasses.field(default_factory=threading.Event)
+    future: concurrent.futures.Future = dataclasses.field(default_factory=concurrent.futures.Future)
+    started: float | None = None
+
+
+@dataclasses.dataclass
+class AnswerResult:
+    answer: object  # session.Answer
+    wait_s: float  # arrival (or due time) -> the answer began
+    cancelled: bool
+
+    @property
+    def ttft_s(self):
+        return None if self.answer.ttft_s is None else self.wait_s + self.answer.ttft_s
+
+    @property
+    def latency_s(self):
+        return self.wait_s + self.answer.answer_s
+
+
+class Inbox:
+    """A session's bounded queue of frames ((frame, t, future or None)) for the ingest lane, and the
+    END_OF_STREAM marker (never refused). It shares the engine's condition, so a put wakes the lane."""
+
+    def __init__(self, condition, size):
+        if size < 1:
+            raise ValueError(f"an inbox holds at least one frame, got {size}")
+        self._cond, self.size = condition, int(size)
+        self._items = collections.deque()
+
+    def put(self, item, drop_oldest=False, give_up=None):
+        """Queue `item` ((frame, t), (frame, t, future) or END_OF_STREAM). When the inbox is full,
+        `drop_oldest` pushes out the oldest frames; otherwise it waits for room until `give_up()`.
+        Returns the items pushed out ([] for none), or None when it gave up."""
+        if item is not END_OF_STREAM and len(item) == 2:
+            item = (*item, None)
+        dropped = []
+        with self._cond:
+            while item is not END_OF_STREAM and len(self._items) >= self.size:
+                if drop_oldest:
+                    dropped.append(self._items.popleft())
+                elif give_up is not None and give_up():
+                    return None
+                else:
+                    self._cond.wait(POLL_S)
+            self._items.append(item)
+            self._cond.notify_all()
+        return dropped
+
+    def get_nowait(self):
+        """The oldest item, or None when empty."""
+        with self._cond:
+            if not self._items:
+                return None
+            self._cond.notify_all()  # a source waiting for room
+            return self._items.popleft()
+
+    def clear(self):
+        """Empty the inbox; returns what it held."""
+        with self._cond:
+            items = list(self._items)
+            self._items.clear()
+            self._cond.notify_all()
+        return items
+
+    def qsize(self):
+        return len(self._items)
+
+    def __len__(self):
+        return len(self._items)
+
+
+class Stream:
+    """One session as the engine holds it. Counters and state change on the engine's threads (state
+    under the engine's lock)."""
+
+    def __init__(self, condition, stream_id, session, source=None, schedule=None, play_speed=1.0, inbox_size=8,
+                 drop_oldest=None, fps=None, public=None, hidden=False, frame_limit=None, end_is_failure=False):
         if not play_speed > 0:
             raise ValueError(f"play_speed must be > 0 (inf: as fast as possible), got {play_speed}")
-        self.id = session_id
+        self.id = stream_id
         self.session = session  # StreamSession (or anything with add_frame / snapshot / ask)
-        self.source = source  # sources.FrameSource
+        # a sources.FrameSource, a callable that opens one (in the source thread: opening may block or
+        # fail), or None for pushed frames
+        self.source = source
         self.schedule = schedule  # QuestionSchedule or None
         self.play_speed = float(play_speed)
-        self.drop_oldest = source.live if drop_oldest is None else drop_oldest
-        self.frames = queue.Queue(maxsize=frame_queue_size)  # source -> frame handler
-        # frame handler and question reader -> question handler; never fills in practice: it holds
-        # at most the scripted questions (already in memory) plus what a person types
+        if drop_oldest is None and not callable(source):  # an opener's source says when it opens
+            drop_oldest = True if source is None else source.live
+        self.drop_oldest = drop_oldest
+        self.fps = fps
+        self.public = public  # what a client sees of the source, e.g. {"type": "file", "path": ...}
+        self.hidden = hidden  # not listed (a one-shot request's session)
+        self.frame_limit = frame_limit  # a source giving more frames fails the session
+        self.end_is_failure = end_is_failure  # a live source has no natural end: its end fails the session
+        self.frames = Inbox(condition, inbox_size)  # source / pushes -> ingest lane
+        self.questions = collections.deque()  # QuestionJob, for the answer lane thread
+        # ingest lane and question readers -> the caller's question handler; never fills in practice:
+        # it holds at most the scripted questions (already in memory) plus what a person types
         self.work = queue.Queue(maxsize=(len(schedule) if schedule else 0) + WORK_ROOM)
-        self.ended = threading.Event()  # the frame handler took the end of this stream
+        self.state = "running"
+        self.error = None  # why it failed, in words
+        self.failure = None  # the exception that failed it
+        self.ended = threading.Event()  # the state left "running" (its last frame is in the memory, or it failed)
+        self.closed = False  # removed from the engine
+        self.end_queued = False
         self.frames_produced = self.frames_ingested = self.frames_dropped = 0
         self.stream_time = None  # timestamp of the newest ingested frame
+        self.last_timestamp = None  # newest pushed timestamp (pushed frames must increase)
+        self.next_sample_t = None  # pushed frames before this stream time are sampled away
+        self.created = time.time()
+        self.last_active = time.monotonic()
+        self.connections = 0  # clients attached (WebSockets)
+        self.busy = 0  # frames or answers a lane is running now
+        self.reader = None  # the source thread
+
+    @property
+    def kind(self):
+        if self.public is not None:
+            return self.public.get("type", "push")
+        return "push" if self.source is None else getattr(self.source, "kind", "source")
 
     def counts(self):
         return {"produced": self.frames_produced, "ingested": self.frames_ingested,
                 "dropped": self.frames_dropped, "stream_time": self.stream_time}
+
+    def describe(self):
+        snapshot = self.session.snapshot() if self.session is not None else None
+        return {
+            "id": self.id,
+            "object": "session",
+            "state": self.state,
+            "source": dict(self.public or {}),
+            "fps": self.fps,
+            "frames_seen": 0 if snapshot is None else snapshot.frames_seen,
+            "stream_time": 0.0 if snapshot is None else snapshot.stream_time,
+            "memory_tokens": 0 if snapshot is None else snapshot.num_tokens,
+            "dropped_frames": self.frames_dropped,
+            "error": self.error,
+            "created": int(self.created),
+        }
 
 
 def _one(name):
     return property(lambda self: getattr(self.stream(), name), doc=f"the one session's `{name}`")
 
 
-class RealtimeEngine:
-    """Sessions keyed by id, their source threads, one frame handler, and the question handlers' queues.
+class Engine:
+    """Sessions keyed by id, their source threads, the ingest lane and the answer lane.
 
-    `RealtimeEngine(session, source, ...)` is the one-session engine the CLI runs (id DEFAULT_SESSION);
-    `RealtimeEngine()` then `add_session(id, session, source, ...)` holds several sessions, which may
-    share one model. `play_speed`, `frame_queue_size` and `drop_oldest` are defaults for every session.
-    The frame handler thread ends when every session it holds has ended (the CLI's lifetime); a server
-    that keeps adding sessions would run `step` from its own loop instead (`add_session` works while the
-    engine runs: the new session's source thread starts at once).
+    `Engine(session, source, ...)` is the one-session engine the CLI runs (id DEFAULT_SESSION);
+    `Engine(...)` then `add_session(id, session, source, ...)` holds several sessions, which may share
+    one model; `add_session` works while the engine runs (the new session's source thread starts at
+    once) and `remove_session` forgets one. `play_speed`, `inbox_size` and `drop_oldest` are defaults
+    for every session. The ingest lane ends when every session it holds has ended (the CLI's lifetime)
+    unless `keep_running` (a server that keeps adding sessions). `max_pending_questions` bounds each
+    session's queued questions; `metrics` (the server's Prometheus counters) is fed beside `stats`.
     """
 
-    def __init__(self, session=None, source=None, play_speed=1.0, schedule=None, frame_queue_size=8,
-                 drop_oldest=None, log=None, log_every=100):
+    def __init__(self, session=None, source=None, *, schedule=None, play_speed=1.0, inbox_size=8, drop_oldest=None,
+                 on_error="stop", answer_lane=False, keep_running=False, max_pending_questions=None, log=None,
+                 log_every=100, metrics=None):
+        if on_error not in ON_ERROR:
+            raise ValueError(f"on_error must be one of {ON_ERROR}, got {on_error!r}")
         self.play_speed = play_speed  # defaults for add_session (checked there)
-        self.frame_queue_size = frame_queue_size
+        self.inbox_size = inbox_size
         self.default_drop_oldest = drop_oldest  # None: drop when the source is live
+        self.on_error = on_error
+        self.answer_lane = answer_lane
+        self.keep_running = keep_running
+        self.max_pending_questions = max_pending_questions
         self.log = log or EventLog()
         self.log_every = log_every
+        self.metrics = metrics
         self.stop_event = threading.Event()
-        self.error = None  # (role, exception, formatted traceback) of the first failure
+        self.error = None  # (role, exception, formatted traceback) of the first failure (on_error="stop")
         self._error_lock = threading.Lock()
         self.stats = role_stats()  # shared by all sessions
+        self._lock = threading.Condition()  # sessions, their state, inboxes and question queues
         self._streams = {}  # id -> Stream, in the order added
-        self._streams_lock = threading.Lock()
-        self._ready = threading.Event()  # set when a source queued something: wakes an idle frame handler
-        self._turn = 0  # round robin: the tick's first session
+        self._turn = 0  # round robin: the ingest tick's first session
+        self._answer_turn = 0  # round robin: where the answer lane looks first
         self._threads = []
         self._started = False
         if session is not None:
-            self.add_session(DEFAULT_SESSION, session, source, schedule=schedule, drop_oldest=drop_oldest)
+            self.add_session(DEFAULT_SESSION, session, source, schedule=schedule)
 
     # --- sessions -------------------------------------------------------------------------------
-    def add_session(self, session_id, session, source, schedule=None, play_speed=None, frame_queue_size=None,
-                    drop_oldest=None):
-        """Hold `session` under `session_id`, fed from `source`; its source thread starts with the engine
-        (at once when the engine runs already). Returns the `Stream`."""
-        stream = Stream(session_id, session, source, schedule,
-                        self.play_speed if play_speed is None else play_speed,
-                        frame_queue_size or self.frame_queue_size,
-                        self.default_drop_oldest if drop_oldest is None else drop_oldest)
-        with self._streams_lock:
-            if session_id in self._streams:
-                raise ValueError(f"session {session_id!r} exists already")
-            self._streams[session_id] = stream
+    def add_session(self, stream_id, session, source=None, schedule=None, play_speed=None, inbox_size=None,
+                    drop_oldest=None, **options):
+        """Hold `session` under `stream_id`, fed from `source` (see `Stream`; None: pushed frames); its
+        source thread starts with the engine (at once when the engine runs already). Returns the `Stream`."""
+        stream = Stream(self._lock, stream_id, session, source, schedule,
+                        self.play_speed if play_speed is None else play_speed, inbox_size or self.inbox_size,
+                        self.default_drop_oldest if drop_oldest is None else drop_oldest, **options)
+        with self._lock:
+            if stream_id in self._streams:
+                raise ValueError(f"session {stream_id!r} exists already")
+            self._streams[stream_id] = stream
             if self._started:
                 self._start_source(stream)
         return stream
 
-    def stream(self, session_id=None):
-        """The `Stream` of `session_id` (None: of the one session of a one-session engine)."""
-        with self._streams_lock:
-            if session_id is not None:
-                return self._streams[session_id]
+    def remove_session(self, stream_id):
+        """Close and forget a session: its memory goes with the last reference (a lane running one of its
+        frames or answers finishes that first). Returns the `Stream`, or None when there is none."""
+        with self._lock:
+            stream = self._streams.pop(stream_id, None)
+            if stream is None:
+                return None
+            self._close_locked(stream)
+        if stream.reader is not None and stream.reader is not threading.current_thread():
+            stream.reader.join(5.0)
+        return stream
+
+    def _close_locked(self, stream):
+        stream.closed = True
+        if stream.state == "running":
+            stream.state = "ended"
+        self._resolve_dropped(stream.frames.clear())
+        for job in stream.questions:
+            job.cancelled.set()
+            if not job.future.done():
+                job.future.set_exception(SessionError(409, "session_closed", "the session was closed"))
+        stream.questions.clear()
+        stream.ended.set()
+        self._lock.notify_all()
+
+    def stream(self, stream_id=None):
+        """The `Stream` of `stream_id` (None: of the one session of a one-session engine)."""
+        with self._lock:
+            if stream_id is not None:
+                return self._streams[stream_id]
             if len(self._streams) != 1:
                 raise ValueError(f"the engine holds {len(self._streams)} sessions: name one")
             return next(iter(self._streams.values()))
 
     def streams(self):
-        with self._streams_lock:
+        with self._lock:
             return list(self._streams.values())
+
+    def is_open(self, stream):
+        return not stream.closed and self._streams.get(stream.id) is stream
 
     # one-session shorthands (the CLI's engine)
     session = _one("session")
@@ -175,9 +361,11 @@ class RealtimeEngine:
     def start(self):
         # daemon threads: a source stuck inside a blocking network read must not keep the process
         # alive after a stop; every loop otherwise ends on the stop flag within POLL_S
-        with self._streams_lock:
+        with self._lock:
             self._started = True
-            self._start_thread("frame handler", self._handler_loop)
+            self._start_thread("frame handler", self._ingest_loop)
+            if self.answer_lane:
+                self._start_thread("question handler", self._answer_loop)
             for stream in self._streams.values():
                 self._start_source(stream)
         return self
@@ -187,35 +375,34 @@ class RealtimeEngine:
         thread = threading.Thread(target=self._guarded, args=(role, target, stream), name=name, daemon=True)
         self._threads.append(thread)
         thread.start()
+        return thread
 
     def _start_source(self, stream):
-        self._start_thread("frame source", lambda: self._source_loop(stream), stream)
+        if stream.source is not None:
+            stream.reader = self._start_thread("frame source", lambda: self._source_loop(stream), stream)
 
     def stop(self):
-        """Ask every role to stop: the flag, plus a STOP message to wake queue readers at once."""
+        """Ask every role to stop: the flag, a wake-up for the lanes, a STOP message for each work queue's
+        reader, and questions not begun yet are refused."""
         self.stop_event.set()
-        self._ready.set()
-        for stream in self.streams():
-            for q in (stream.frames, stream.work):
+        with self._lock:
+            for stream in self._streams.values():
+                for job in stream.questions:
+                    if not job.future.done():
+                        job.future.set_exception(SessionError(503, "stopping", "the engine is stopping"))
+                stream.questions.clear()
                 try:
-                    q.put_nowait(STOP)
+                    stream.work.put_nowait(STOP)
                 except queue.Full:
                     pass  # the reader sees the flag within POLL_S
+            self._lock.notify_all()
 
     @property
     def stopped(self):
         return self.stop_event.is_set()
 
-    def fail(self, role, error, stream=None):
-        with self._error_lock:
-            if self.error is None:
-                self.error = (role, error, traceback.format_exc())
-                where = {} if stream is None else {"session": stream.id}
-                self.log.write("error", role=role, error=f"{type(error).__name__}: {error}",
-                               traceback=self.error[2], **where)
-        self.stop()
-
     def join(self, timeout=JOIN_TIMEOUT_S):
+        """Wait for the engine's threads; returns the names of those still running."""
         deadline = time.monotonic() + timeout
         for thread in list(self._threads):
             thread.join(max(0.0, deadline - time.monotonic()))
@@ -224,134 +411,205 @@ class RealtimeEngine:
     def _guarded(self, role, target, stream=None):
         try:
             target()
-        except BaseException as error:  # noqa: BLE001 - any failure of a role stops the others
+        except BaseException as error:  # noqa: BLE001 - handled by the failure policy
             self.fail(role, error, stream)
 
-    # --- queues ---------------------------------------------------------------------------------
-    def _put(self, q, item):
-        """Blocking put that gives up when stopping. True if the item went in."""
-        while not self.stopped:
-            try:
-                q.put(item, timeout=POLL_S)
-                return True
-            except queue.Full:
-                continue
-        return False
+    # --- failures -------------------------------------------------------------------------------
+    def fail(self, role, error, stream=None):
+        """A role failed (on `stream`, when it is one session's). on_error="stop", or a failure outside any
+        session: record the first error and stop everything; "session": fail that session only."""
+        if self.on_error == "stop" or stream is None:
+            with self._error_lock:
+                if self.error is None:
+                    self.error = (role, error, traceback.format_exc())
+                    where = {} if stream is None else {"session": stream.id}
+                    self.log.write("error", role=role, error=f"{type(error).__name__}: {error}",
+                                   traceback=self.error[2], **where)
+            self.stop()
+            return
+        reason = error.message if isinstance(error, SessionError) else f"{type(error).__name__}: {error}"
+        with self._lock:
+            if stream.closed or stream.state == "failed":
+                return
+            stream.state = "failed"
+            stream.error = reason
+            stream.failure = error
+            self._resolve_dropped(stream.frames.clear())
+            stream.ended.set()
+            self._lock.notify_all()
+        self.log.write("error", role=role, error=reason, traceback=traceback.format_exc(), session=stream.id)
+        if self.metrics is not None:
+            self.metrics.sessions_failed.inc()
 
-    def _put_frame(self, stream, item):
-        """Into the session's frame queue; a live source makes room by dropping the oldest queued frame."""
-        if not stream.drop_oldest:
-            put = self._put(stream.frames, item)
-        else:
-            put = False
-            while not self.stopped:
-                try:
-                    stream.frames.put_nowait(item)
-                    put = True
-                    break
-                except queue.Full:
-                    try:
-                        old = stream.frames.get_nowait()
-                    except queue.Empty:
-                        continue
-                    if isinstance(old, Control):
-                        return False  # STOP: we are stopping anyway
-                    stream.frames_dropped += 1
-        if put:
-            self._ready.set()
-        return put
+    def _leaving(self, stream):
+        return self.stopped or stream.closed or stream.state != "running"
 
-    def submit(self, item, session_id=None):
-        """For a question reader thread: hand a typed line (or a control message) to the question handler."""
-        return self._put(self.stream(session_id).work, item)
+    # --- frames in ------------------------------------------------------------------------------
+    def _put_frame(self, stream, item, drop_oldest):
+        """Into the session's inbox (waiting for room unless `drop_oldest`). True if it went in."""
+        dropped = stream.frames.put(item, drop_oldest=drop_oldest, give_up=lambda: self._leaving(stream))
+        if dropped is None:
+            return False
+        stream.last_active = time.monotonic()
+        stream.frames_dropped += len(dropped)
+        if dropped and self.metrics is not None:
+            self.metrics.frames_dropped.labels(reason="backlog").inc(len(dropped))
+        self._resolve_dropped(dropped)
+        return True
 
-    def next_work(self, timeout=POLL_S, session_id=None):
-        """The question handler's next item (a `Due` question, a submitted item or a control message), or
-        None after `timeout` (0: only what is queued now)."""
-        try:
-            return self.stream(session_id).work.get(timeout=timeout)
-        except queue.Empty:
-            return None
+    @staticmethod
+    def _resolve_dropped(items):
+        for item in items:
+            if item is not END_OF_STREAM and item[2] is not None and not item[2].done():
+                item[2].set_result(None)
+
+    def push_frame(self, stream, frame, timestamp, wait=False):
+        """A pushed frame (uint8 (H, W, 3)) at `timestamp` seconds, sampled at the session's fps (the first
+        frame at or after each sample time k / fps is taken, as a camera source samples). Returns a future
+        resolved once it is in the memory (with the snapshot) or dropped (None); `wait=False`: at once."""
+        timestamp = float(timestamp)
+        future = concurrent.futures.Future()
+        with self._lock:
+            self._check_open(stream)
+            if stream.source is not None:
+                raise SessionError(409, "not_a_push_session", f"session {stream.id} reads its own "
+                                   f"{stream.kind} source; frames can be pushed to push sessions only")
+            if stream.state != "running" or stream.end_queued:
+                raise SessionError(409, "session_not_running", f"session {stream.id} is {stream.state}")
+            if stream.last_timestamp is not None and not timestamp > stream.last_timestamp:
+                raise SessionError(400, "non_increasing_timestamp",
+                                   f"timestamp {timestamp} is not after the previous frame's {stream.last_timestamp}")
+            stream.last_timestamp = timestamp
+            stream.last_active = time.monotonic()
+            if stream.next_sample_t is not None and timestamp + 1e-6 < stream.next_sample_t:
+                stream.frames_dropped += 1  # sampled faster than the session's fps
+                if self.metrics is not None:
+                    self.metrics.frames_dropped.labels(reason="fps").inc()
+                future.set_result(None)
+                return future
+            stream.next_sample_t = (math.floor(timestamp * stream.fps + 1e-6) + 1) / stream.fps
+            stream.frames_produced += 1
+            self._put_frame(stream, (frame, timestamp, future if wait else None), drop_oldest=True)
+        if not wait:
+            future.set_result(None)
+        return future
+
+    def end(self, stream):
+        """No more frames for `stream` (a push client said so): it ends once its queued frames are in."""
+        with self._lock:
+            if stream.state != "running" or stream.end_queued:
+                return
+            stream.end_queued = True
+            stream.frames.put(END_OF_STREAM)
+
+    def _check_open(self, stream):
+        if not self.is_open(stream):
+            raise SessionError(404, "session_not_found", f"no session {stream.id!r}")
 
     # --- frame source ---------------------------------------------------------------------------
     def _source_loop(self, stream):
-        frames = stream.source.frames()
+        """Decode the source, pace it to the wall clock, feed the inbox; END_OF_STREAM at its end."""
+        source = stream.source() if callable(stream.source) else stream.source
+        drop_oldest = source.live if stream.drop_oldest is None else stream.drop_oldest
+        stream.drop_oldest = drop_oldest
+        frames = source.frames()
         wall0 = t0 = None
         try:
-            while not self.stopped:
+            while True:
+                if self._leaving(stream):
+                    return
                 began = time.perf_counter()
                 try:
                     frame, t = next(frames)
                 except StopIteration:
                     break
                 self.stats["frame_decode"].add(time.perf_counter() - began)
+                if stream.frame_limit is not None and stream.frames_produced >= stream.frame_limit:
+                    raise SessionError(413, "video_too_long", f"the video has more than {stream.frame_limit} "
+                                       f"frames at {stream.fps:g} fps")
                 if wall0 is None:
                     wall0, t0 = time.perf_counter(), t
                 # play at video_fps x play_speed: the frame at stream time t is released at t / play_speed
                 delay = wall0 + (t - t0) / stream.play_speed - time.perf_counter()
                 if delay > 0 and self.stop_event.wait(delay):
-                    break
-                if not self._put_frame(stream, (frame, t)):
-                    break
+                    return
+                if not self._put_frame(stream, (frame, t, None), drop_oldest):
+                    return
                 stream.frames_produced += 1
-            else:
-                return
-            if not self.stopped and self._put(stream.frames, END_OF_STREAM):
-                self._ready.set()
         finally:
             frames.close()
+        if stream.end_is_failure and not stream.closed:
+            raise SessionError(502, "source_stopped", f"the live source stopped after {stream.frames_produced} "
+                               "frames (end of stream: the connection closed or the source stopped sending)")
+        if not self._leaving(stream):
+            self.end(stream)
 
-    # --- frame handler --------------------------------------------------------------------------
-    def _handler_loop(self):
-        while not self.stopped and not all(s.ended.is_set() for s in self.streams()):
+    # --- ingest lane ----------------------------------------------------------------------------
+    def _ingest_loop(self):
+        while not self.stopped and (self.keep_running or not all(s.ended.is_set() for s in self.streams())):
             self.step()
 
     def step(self, timeout=POLL_S):
-        """One tick of the frame handler: at most one queued item from every running session, round robin
+        """One tick of the ingest lane: at most one queued item from every running session, round robin
         (a session with a fast source or a backlog gets one frame per tick like the others), then the
-        tick's frames are ingested. Waits up to `timeout` when nothing is queued. Returns the items taken."""
-        self._ready.clear()  # before looking: a frame queued from here on sets it again
-        streams = [s for s in self.streams() if not s.ended.is_set()]
-        if streams:
-            first = self._turn % len(streams)
-            streams = streams[first:] + streams[:first]
-            self._turn += 1
-        batch = []  # (stream, frame, t)
-        for stream in streams:
-            try:
+        tick's frames are ingested. Waits up to `timeout` when nothing is queued. Returns the frames taken."""
+        with self._lock:
+            streams = [s for s in self._streams.values() if s.state == "running"]
+            if streams:
+                first = self._turn % len(streams)
+                streams = streams[first:] + streams[:first]
+                self._turn += 1
+            batch = []  # (stream, (frame, t, future) or END_OF_STREAM)
+            for stream in streams:
                 item = stream.frames.get_nowait()
-            except queue.Empty:
-                continue
-            if item is STOP:
-                return len(batch)
-            if item is END_OF_STREAM:
-                self._end(stream)
-            else:
-                batch.append((stream, *item))
+                if item is not None:
+                    stream.busy += 1
+                    batch.append((stream, item))
+            if not batch and timeout and not self.stopped:
+                self._lock.wait(timeout)
         self._ingest(batch)
-        if not batch and not self.stopped:
-            self._ready.wait(timeout)
-        return len(batch)
+        return sum(item is not END_OF_STREAM for _, item in batch)
 
     def _ingest(self, batch):
         """The tick's frames, one per session: questions due before each frame, the frame into its
         session's memory, questions due with it. Each session encodes its own frame today."""
-        for stream, frame, t in batch:
-            session, schedule = stream.session, stream.schedule
-            if schedule is not None:
-                before = session.snapshot()
-                self._due(stream, schedule.before_frame(t, before), before)
-            began = time.perf_counter()
-            snapshot = session.add_frame(frame, t)
-            self.stats["encode_memory_update"].add(time.perf_counter() - began)
-            stream.frames_ingested += 1
-            stream.stream_time = t
-            if schedule is not None:
-                self._due(stream, schedule.after_frame(t), snapshot)
-            if self.log_every and stream.frames_ingested % self.log_every == 0:
-                self._progress(stream)
-            if self.stopped:
-                return
+        for stream, item in batch:
+            try:
+                if self.stopped:
+                    continue
+                if item is END_OF_STREAM:
+                    self._end(stream)
+                else:
+                    self._ingest_one(stream, *item)
+            except BaseException as error:  # noqa: BLE001 - handled by the failure policy
+                if item is not END_OF_STREAM and item[2] is not None and not item[2].done():
+                    item[2].set_exception(error)
+                if self.on_error == "stop":
+                    raise
+                self.fail("frame handler", error, stream)
+            finally:
+                self._done(stream)
+
+    def _ingest_one(self, stream, frame, t, future):
+        session, schedule = stream.session, stream.schedule
+        if schedule is not None:
+            before = session.snapshot()
+            self._due(stream, schedule.before_frame(t, before), before)
+        began = time.perf_counter()
+        snapshot = session.add_frame(frame, t)
+        elapsed = time.perf_counter() - began
+        self.stats["encode_memory_update"].add(elapsed)
+        if self.metrics is not None:
+            self.metrics.frame_seconds.observe(elapsed)
+            self.metrics.frames_ingested.inc()
+        stream.frames_ingested += 1
+        stream.stream_time = t
+        if future is not None:
+            future.set_result(snapshot)
+        if schedule is not None:
+            self._due(stream, schedule.after_frame(t), snapshot)
+        if self.log_every and stream.frames_ingested % self.log_every == 0:
+            self._progress(stream)
 
     def _end(self, stream):
         snapshot = stream.session.snapshot()
@@ -364,13 +622,23 @@ class RealtimeEngine:
         self._progress(stream, final=True)
         self.log.write("stream_end", session=stream.id, frames=stream.frames_ingested, dropped=stream.frames_dropped,
                        stream_time=stream.stream_time)
-        stream.ended.set()
-        self._put(stream.work, END_OF_STREAM)
+        with self._lock:
+            if stream.state == "running":
+                stream.state = "ended"
+            stream.ended.set()
+            self._lock.notify_all()
+        self._put_work(stream, END_OF_STREAM)
+
+    def _done(self, stream):
+        with self._lock:
+            stream.busy -= 1
+            stream.last_active = time.monotonic()
+            self._lock.notify_all()
 
     def _due(self, stream, questions, snapshot):
         now = time.perf_counter()
         for q in questions:
-            self._put(stream.work, Due(q, snapshot, now))
+            self._put_work(stream, Due(q, snapshot, now))
 
     def _progress(self, stream, final=False):
         memory = getattr(stream.session, "memory", None)
@@ -380,24 +648,133 @@ class RealtimeEngine:
                        queued=stream.frames.qsize(), memory_tokens=None if snapshot is None else snapshot.num_tokens,
                        state_bytes=None if memory is None else state_nbytes(memory), rss_bytes=rss_bytes())
 
-    # --- question handler -----------------------------------------------------------------------
+    # --- the caller's question handler: the work queue ------------------------------------------
+    def _put_work(self, stream, item):
+        """Blocking put that gives up when stopping. True if the item went in."""
+        while not self.stopped:
+            try:
+                stream.work.put(item, timeout=POLL_S)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def submit(self, item, session_id=None):
+        """For a question reader thread: hand a typed line (or a control message) to the question handler."""
+        return self._put_work(self.stream(session_id), item)
+
+    def next_work(self, timeout=POLL_S, session_id=None):
+        """The question handler's next item (a `Due` question, a submitted item or a control message), or
+        None after `timeout` (0: only what is queued now)."""
+        try:
+            return self.stream(session_id).work.get(timeout=timeout)
+        except queue.Empty:
+            return None
+
+    # --- answer lane ----------------------------------------------------------------------------
+    def ask(self, stream, question, max_tokens=None, temperature=None, on_text=None, snapshot=None, arrived=None):
+        """Queue a question for the answer lane thread, on `snapshot` (None: the memory as it stands now).
+        Returns the `QuestionJob` (its `future` gives an `AnswerResult`; `cancelled.set()` ends the answer
+        early, e.g. when the client went away)."""
+        with self._lock:
+            self._check_open(stream)
+            snapshot = stream.session.snapshot() if snapshot is None else snapshot
+            if snapshot is None:
+                raise SessionError(409, "no_frames_yet", f"session {stream.id} has no frames in memory yet")
+            if self.max_pending_questions is not None and len(stream.questions) >= self.max_pending_questions:
+                raise SessionError(429, "too_many_questions", f"session {stream.id} already has "
+                                   f"{self.max_pending_questions} questions waiting")
+            job = QuestionJob(question, snapshot, on_text, max_tokens, temperature)
+            if arrived is not None:
+                job.arrived = arrived
+            if self.stopped:
+                job.future.set_exception(SessionError(503, "stopping", "the engine is stopping"))
+                return job
+            stream.questions.append(job)
+            stream.last_active = time.monotonic()
+            self._lock.notify_all()
+        return job
+
     def answer(self, question, snapshot, due_at, on_text=None, time_label=None, extra=None, session_id=None):
         """Answer `question` from `snapshot` in the session's conversation, counting from `due_at`
-        (perf_counter); `on_text(piece)` gets the answer as it is generated. Returns the answer record
-        (`Answer.record`), or None when another role's error cut the answer short."""
-        wait = time.perf_counter() - due_at
-        answer = self.stream(session_id).session.ask(question, snapshot=snapshot, on_text=on_text,
-                                                     should_stop=self.stop_event.is_set)
+        (perf_counter); `on_text(piece)` gets the answer as it is generated. Runs on the answer lane
+        thread when there is one, else on this thread. Returns the answer record (`Answer.record`), or
+        None when another role's error cut the answer short."""
+        stream = self.stream(session_id)
+        if self.answer_lane:
+            job = self.ask(stream, question, on_text=on_text, snapshot=snapshot, arrived=due_at)
+            while not job.future.done():
+                concurrent.futures.wait([job.future], timeout=POLL_S)
+        else:
+            job = QuestionJob(question, snapshot, on_text, arrived=due_at)
+            self._run_question(job, stream)
         if self.error is not None:
             return None
-        self.stats["time_to_first_token"].add(answer.ttft_s)
-        self.stats["answer_time"].add(answer.answer_s)
-        self.stats["question_latency"].add(wait + answer.answer_s)
-        record = answer.record(time=time_label, wait_s=wait, extra=extra)
+        result = job.future.result()  # raises what the answer raised
+        record = result.answer.record(time=time_label, wait_s=result.wait_s, extra=extra)
         self.log.write("answer", **record)
         return record
 
+    def _answer_loop(self):
+        while not self.stopped:
+            stream, job = self._next_question()
+            if stream is None:
+                continue
+            try:
+                self._run_question(job, stream)
+            finally:
+                self._done(stream)
+
+    def _next_question(self):
+        """The next (stream, job) in round-robin order over the sessions, or (None, None) after POLL_S."""
+        with self._lock:
+            streams = list(self._streams.values())
+            for k in range(len(streams)):
+                index = (self._answer_turn + k) % len(streams)
+                stream = streams[index]
+                if stream.questions:
+                    self._answer_turn = index + 1
+                    stream.busy += 1
+                    return stream, stream.questions.popleft()
+            self._lock.wait(POLL_S)
+        return None, None
+
+    def _run_question(self, job, stream):
+        """Answer one question; its result (or error) goes to `job.future`."""
+        job.started = time.perf_counter()
+        try:
+            if job.cancelled.is_set():
+                raise SessionError(499, "cancelled", "the client went away")
+            session = stream.session
+            if job.max_tokens is not None:  # per-question settings on the session's answer side
+                session.max_new_tokens = job.max_tokens
+            if job.temperature is not None:
+                session.temperature = job.temperature
+            answer = session.ask(job.question, snapshot=job.snapshot, on_text=job.on_text,
+                                 should_stop=lambda: job.cancelled.is_set() or self.stopped)
+            result = AnswerResult(answer, job.started - job.arrived, job.cancelled.is_set())
+            if self.error is None:
+                if answer.ttft_s is not None:
+                    self.stats["time_to_first_token"].add(answer.ttft_s)
+                self.stats["answer_time"].add(answer.answer_s)
+                self.stats["question_latency"].add(result.latency_s)
+            if self.metrics is not None:
+                self.metrics.questions.inc()
+                self.metrics.latency.observe(result.latency_s)
+                if result.ttft_s is not None:
+                    self.metrics.ttft.observe(result.ttft_s)
+            job.future.set_result(result)
+        except BaseException as error:  # noqa: BLE001 - handed to the asker
+            if not job.future.done():
+                job.future.set_exception(error)
+
     # --- summary --------------------------------------------------------------------------------
+    def counts(self):
+        """How many sessions are in each state."""
+        with self._lock:
+            by_state = collections.Counter(s.state for s in self._streams.values())
+        return {state: by_state.get(state, 0) for state in STATES}
+
     def summary(self):
         """{"sessions": {id: frame counts}, "latency_s": {role: stats}, "error": text or None}."""
         return {

@@ -6,7 +6,7 @@ API and a web page, on one model (the contract: SERVING.md; the guide: docs/serv
 
 The process: uvicorn serves the app (`api/app.py`) at once, `GET /health` says `loading` while the model
 loads on a background thread, and one line `listening on http://HOST:PORT` is printed once it says `ok`
-(`--port 0` picks a free port; the line names it). The engine (`api/scheduler.py`) owns the model: an
+(`--port 0` picks a free port; the line names it). The engine (`engine.py`) owns the model: an
 ingest lane and an answer lane serve the sessions round robin. The API key (`--api-key` or
 FLASH_VSTREAM_API_KEY) is never logged: uvicorn's access log is off and `api_key=` is cut out of every
 log line.

@@ -32,12 +32,12 @@ import torch
 from transformers import StoppingCriteria, StoppingCriteriaList
 from transformers.generation.streamers import BaseStreamer
 
-from ..constants import DEFAULT_IMAGE_TOKEN
-from ..conversation import conv_templates
+from ..conversation import build_prompt, conv_templates
 from ..mm_utils import KeywordsStoppingCriteria, process_images, tokenizer_image_token
-from ..runtime.decoder import GreedyDecoder, prefix_through_image
+from ..runtime.decoder import prefix_through_image
+from ..runtime.fast_path import FastPath
+from ..runtime.options import FastPathOptions
 from ..model.memory import STARMemory, memory_num_tokens
-from ..runtime.vision import FastVisionEncoder
 
 TIME_EPS = 1e-6  # seconds: a question at t and a frame at t are simultaneous (the frame counts)
 CONVERSATION_MODES = ("fresh", "continue")
@@ -157,11 +157,14 @@ class StreamSession:
     in the first user turn, and it always holds the memory of the snapshot being asked: the whole
     history is re-read against the newest memory. Old turns are dropped when the prompt would not
     fit the context with `max_new_tokens` to spare.
+
+    The fast path is a `runtime.FastPath`: pass one (or `FastPathOptions`) as `fast_path`, or let
+    `fast` (None: on CUDA) and `compile_decode` build its options (`FastPathOptions.from_cli`).
     """
 
     def __init__(self, model, tokenizer, image_processor=None, conv_mode="vicuna_v1", temperature=0.0,
                  top_p=None, max_new_tokens=512, conversation="fresh", video_fps=None, context_len=None, seed=0,
-                 fast=None, compile_decode=True):
+                 fast=None, compile_decode=True, fast_path=None):
         if conversation not in CONVERSATION_MODES:
             raise ValueError(f"conversation must be one of {CONVERSATION_MODES}, got {conversation!r}")
         if conv_mode not in conv_templates:
@@ -184,10 +187,17 @@ class StreamSession:
         self._snapshot = None
         self._lock = threading.Lock()
         self._stop_text = self._stop_string()
-        self.fast = model.device.type == "cuda" if fast is None else bool(fast)
-        self.compile_decode = bool(compile_decode)
-        self._vision = None  # FastVisionEncoder, built at the first frame
-        self._decoder = None  # GreedyDecoder, built at the first greedy answer (or warm_up)
+        if fast_path is None:
+            fast_path = FastPathOptions.from_cli({None: "auto", True: "on", False: "off"}[
+                None if fast is None else bool(fast)], compile_decode=bool(compile_decode))
+        elif fast is not None or not compile_decode:
+            raise ValueError("give the fast path either as fast_path or as fast / compile_decode, not both")
+        # resolved once for the model's device; owns the encoder, the decoder and their warm-up stream
+        self.fast_path = fast_path if isinstance(fast_path, FastPath) else FastPath(model, fast_path)
+        self.fast = self.fast_path.enabled
+        self.compile_decode = self.fast_path.options.compile_decode
+        self._vision = None  # FastVisionEncoder (the fast path's), at the first frame
+        self._decoder = None  # GreedyDecoder (the fast path's), at the first greedy answer (or warm_up)
         self._decoder_lock = threading.Lock()  # the decoder's cache is one state: one user at a time
         self._prefix_ids = None
         self._memory_bound = memory_num_tokens(10**6, model.config)  # the tokens a long stream's memory reaches
@@ -227,10 +237,8 @@ class StreamSession:
 
     def _fast_vision(self):
         if self._vision is None:
-            tower = self.model.get_vision_tower()
-            self._vision = FastVisionEncoder(tower.vision_tower, tower.select_layer, tower.select_feature)
-            if self._vision.device.type == "cuda":
-                self._vision.capture(tower.config.image_size)  # failure: recorded in graph_error, eager is used
+            # one frame as a CUDA graph when the path has them (a failure: eager, recorded; strict: raised)
+            self._vision = self.fast_path.fuse_weights().vision()
         return self._vision
 
     def add_frame(self, frame, timestamp=None):
@@ -291,12 +299,7 @@ class StreamSession:
 
     def prompt(self, question, history=None):
         """The prompt text for `question` after `history` [(q, a)], `<image>` in the first user turn."""
-        conv = conv_templates[self.conv_mode].copy()
-        turns = list(self._history if history is None else history) + [(question, None)]
-        for i, (q, a) in enumerate(turns):
-            conv.append_message(conv.roles[0], f"{DEFAULT_IMAGE_TOKEN}\n{q}" if i == 0 else q)
-            conv.append_message(conv.roles[1], a)
-        return conv.get_prompt()
+        return build_prompt(question, self.conv_mode, history=self._history if history is None else history)
 
     def _stop_string(self):
         conv = conv_templates[self.conv_mode]
@@ -326,9 +329,8 @@ class StreamSession:
     def _get_decoder(self):
         if self._decoder is None:
             size = min(self.context_len, self._memory_bound + PROMPT_ROOM + self.max_new_tokens)
-            cuda = self.model.device.type == "cuda"
-            self._decoder = GreedyDecoder(self.model, max_cache_len=size, cuda_graph=cuda,
-                                          compile_step=cuda and self.compile_decode)
+            # fusing (when the path's decode step reads fused weights) is announced and logged by the path
+            self._decoder = self.fast_path.fuse_weights().decoder(size)
         return self._decoder
 
     @torch.inference_mode()

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from flash_vstream.model.builder import load_pretrained_model
-from flash_vstream.serve.engine import END_OF_STREAM, Due, RealtimeEngine
+from flash_vstream.serve.engine import END_OF_STREAM, Due, Engine
 from flash_vstream.serve.session import EmptyStreamError, MemorySnapshot, QuestionSchedule, StreamSession
 from flash_vstream.serve.sources import FrameSource, open_source
 from flash_vstream.video_io import VideoReadError
@@ -62,8 +62,8 @@ def _drain_until_end(engine, timeout=60):
 
 
 def test_live_source_drops_the_oldest_frames_when_the_handler_lags():
-    engine = RealtimeEngine(_StubSession(delay=0.01), _noise(300, live=True), play_speed=float("inf"),
-                            frame_queue_size=4).start()
+    engine = Engine(_StubSession(delay=0.01), _noise(300, live=True), play_speed=float("inf"),
+                    inbox_size=4).start()
     assert engine.drop_oldest
     assert _drain_until_end(engine) is END_OF_STREAM
     assert engine.join() == []
@@ -73,15 +73,15 @@ def test_live_source_drops_the_oldest_frames_when_the_handler_lags():
 
 
 def test_file_source_blocks_instead_of_dropping():
-    engine = RealtimeEngine(_StubSession(delay=0.002), _noise(60), play_speed=float("inf"),
-                            frame_queue_size=2).start()
+    engine = Engine(_StubSession(delay=0.002), _noise(60), play_speed=float("inf"),
+                    inbox_size=2).start()
     assert _drain_until_end(engine) is END_OF_STREAM
     assert engine.join() == [] and engine.frames_dropped == 0 and engine.frames_ingested == 60
 
 
 def test_an_error_in_one_role_stops_the_others():
-    engine = RealtimeEngine(_StubSession(fail_at=5), _noise(None), play_speed=float("inf"),
-                            frame_queue_size=2).start()  # an endless source, blocked on a full queue
+    engine = Engine(_StubSession(fail_at=5), _noise(None), play_speed=float("inf"),
+                    inbox_size=2).start()  # an endless source, blocked on a full queue
     _drain_until_end(engine)
     assert engine.join(10) == []  # both threads ended
     role, error, trace = engine.error
@@ -89,8 +89,29 @@ def test_an_error_in_one_role_stops_the_others():
     assert engine.frames_ingested == 4 and engine.stopped
 
 
+def test_a_failure_fails_its_session_only_under_the_session_policy():
+    # the server's policy: the failing session ends "failed" with the reason, the others and the lanes go on
+    engine = Engine(play_speed=INF, inbox_size=2, on_error="session", keep_running=True)
+    bad = engine.add_session("bad", _StubSession(fail_at=3), _noise(None))  # an endless source, blocked
+    good = engine.add_session("good", _StubSession(), _noise(20))
+    pushed = engine.add_session("pushed", _StubSession(), None, fps=1.0)
+    engine.start()
+    assert good.ended.wait(30) and bad.ended.wait(30)
+    assert (bad.state, bad.error, bad.frames_ingested) == ("failed", "RuntimeError: encoder exploded", 2)
+    assert (good.state, good.frames_ingested) == ("ended", 20)
+    # the lanes still run: pushed frames go in (one per sample time k / fps; the 0.5 s one is sampled away)
+    futures = [engine.push_frame(pushed, np.zeros((4, 4, 3), np.uint8), t, wait=True) for t in (0.0, 0.5, 1.0)]
+    assert [f.result(10) is None for f in futures] == [False, True, False]
+    assert (pushed.frames_ingested, pushed.frames_dropped, pushed.state) == (2, 1, "running")
+    assert engine.error is None and not engine.stopped
+    assert engine.counts() == {"running": 1, "ended": 1, "failed": 1}
+    assert engine.remove_session("bad") is bad and bad.closed and engine.counts()["failed"] == 0
+    engine.stop()
+    assert engine.join() == []
+
+
 def test_paced_file_plays_at_video_fps_times_play_speed():
-    engine = RealtimeEngine(_StubSession(), _noise(6), play_speed=10.0).start()  # 5 s of stream at 10x
+    engine = Engine(_StubSession(), _noise(6), play_speed=10.0).start()  # 5 s of stream at 10x
     began = time.monotonic()
     assert _drain_until_end(engine) is END_OF_STREAM
     assert 0.45 <= time.monotonic() - began < 5.0
@@ -119,7 +140,7 @@ def test_the_schedule_rule_around_frames():
 
 def test_a_stream_without_frames_fails_its_scripted_questions_in_the_engine():
     schedule = QuestionSchedule([{"time": 1, "question": "q"}])
-    engine = RealtimeEngine(_StubSession(), _noise(0), play_speed=INF, schedule=schedule).start()
+    engine = Engine(_StubSession(), _noise(0), play_speed=INF, schedule=schedule).start()
     _drain_until_end(engine)
     assert engine.join() == []
     role, error, _ = engine.error
@@ -165,7 +186,7 @@ def test_two_sessions_in_one_engine_give_what_two_lone_sessions_give(loaded, exa
                           {"time": 100, "question": "describe the video.", "id": "f2"}],
                  "noise": [{"time": 0, "question": "what is in the video?", "id": "n1"},
                            {"time": 4, "question": "describe the video.", "id": "n2"}]}
-    engine = RealtimeEngine(play_speed=INF, frame_queue_size=2)  # small queues: the sessions interleave
+    engine = Engine(play_speed=INF, inbox_size=2)  # small queues: the sessions interleave
     for name in sources:
         engine.add_session(name, _session(loaded), sources[name](), schedule=QuestionSchedule(questions[name]))
     records = {name: [] for name in sources}
@@ -194,7 +215,7 @@ def test_two_sessions_in_one_engine_give_what_two_lone_sessions_give(loaded, exa
 
 
 def test_one_sessions_long_answer_does_not_hold_up_anothers_ingest(loaded):
-    engine = RealtimeEngine(play_speed=INF)
+    engine = Engine(play_speed=INF)
     engine.add_session("talker", _session(loaded), open_source(video_source="synthetic:32x32", max_frames=3),
                        schedule=QuestionSchedule([{"time": 0, "question": "what is in the video?"}]))
     # 12 frames paced at 10x: the other stream takes about a second of wall time
@@ -220,7 +241,7 @@ def test_one_sessions_long_answer_does_not_hold_up_anothers_ingest(loaded):
 
 
 def test_each_tick_takes_one_frame_from_every_session(loaded):
-    engine = RealtimeEngine(play_speed=INF)  # not started: the test drives the frame handler's ticks
+    engine = Engine(play_speed=INF)  # not started: the test drives the frame handler's ticks
     frames = list(open_source(video_source="synthetic:32x32", max_frames=4).frames())
     busy = engine.add_session("busy", _session(loaded), _noise(0))
     quiet = engine.add_session("quiet", _session(loaded), _noise(0))

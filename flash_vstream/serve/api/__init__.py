@@ -1,6 +1,6 @@
 """The streaming server's parts (run by `python -m flash_vstream.serve.server`).
 
-scheduler.py      Engine: one model, sessions as state, an ingest lane and an answer lane (round robin)
+scheduler.py      ServerEngine: the engine (serve/engine.py) as the server runs it: ids, limits, idle reaping
 state.py          Settings, the loaded model, the engine and the Prometheus metrics of one app
 inputs.py         request bodies, images, data URLs and --media-root paths, checked
 app.py            the FastAPI app: auth, error shapes, health, metrics, models, sessions, frames, questions

@@ -183,7 +183,7 @@ def create_app(state):
         """What the memory holds now: the times of its temporal centroids (with the frames each stands for
         and their span), retrieved and spatial frames -- the page draws its timeline from this."""
         session = state.engine.get(session_id)
-        snapshot = session.stream.snapshot()
+        snapshot = session.session.snapshot()
         if snapshot is None:
             return {"object": "session.memory", "frames_seen": 0, "stream_time": 0.0, "memory_tokens": 0,
                     "timestamps": {"temporal": [], "retrieved": [], "spatial": []}, "temporal_weights": [],
@@ -222,7 +222,7 @@ def create_app(state):
             raise SessionError(400, "unsupported_media_type", "send image/jpeg or image/png with ?timestamp=, "
                                "or JSON {\"image\": data URL, \"timestamp\": s}")
         frame = await asyncio.to_thread(inputs.decode_image, data, s.max_frame_bytes)
-        future = state.engine.offer_frame(session, frame, timestamp, wait=True)
+        future = state.engine.push_frame(session, frame, timestamp, wait=True)
         try:
             await asyncio.wait_for(asyncio.wrap_future(future), FRAME_TIMEOUT_S)
         except asyncio.TimeoutError:

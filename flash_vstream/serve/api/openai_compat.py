@@ -149,7 +149,7 @@ def add_openai_routes(app, state):
                                                      "max_frames_limit": s.max_video_frames}}
                 session = await asyncio.to_thread(engine.create, source, fps, True)
                 stack.push_async_callback(asyncio.to_thread, _delete_quietly, engine, session.id)
-                await asyncio.to_thread(session.finished.wait, ONE_SHOT_TIMEOUT_S)
+                await asyncio.to_thread(session.ended.wait, ONE_SHOT_TIMEOUT_S)
                 if session.state == "failed":
                     raise _chat_error(session)
             prompt_tokens = _prompt_tokens(state, session, question)
@@ -175,8 +175,8 @@ def _delete_quietly(engine, session_id):
 
 def _prompt_tokens(state, session, question):
     """Prompt text tokens + the memory tokens that stand in for <image>."""
-    snapshot = session.stream.snapshot()
-    ids = tokenizer_image_token(session.stream.prompt(question), state.tokenizer)
+    snapshot = session.session.snapshot()
+    ids = tokenizer_image_token(session.session.prompt(question), state.tokenizer)
     return len(ids) - 1 + (0 if snapshot is None else snapshot.num_tokens)
 
 

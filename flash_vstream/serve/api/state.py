@@ -8,7 +8,8 @@ import time
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import GaugeMetricFamily
 
-from .scheduler import STATES, Engine
+from ..engine import STATES
+from .scheduler import ServerEngine
 
 LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 
@@ -135,11 +136,11 @@ class ServerState:
                                  max_new_tokens=s.max_tokens, video_fps=fps, context_len=context_len,
                                  fast={"off": False, "auto": None, "on": True}[s.fast])
 
-        self.engine = Engine(make_stream, max_sessions=s.max_sessions, inbox_size=s.inbox_size,
-                             max_pending_questions=s.max_pending_questions, idle_timeout_s=s.idle_timeout_s,
-                             metrics=self.metrics).start()
+        self.engine = ServerEngine(make_stream, max_sessions=s.max_sessions, inbox_size=s.inbox_size,
+                                   max_pending_questions=s.max_pending_questions, idle_timeout_s=s.idle_timeout_s,
+                                   metrics=self.metrics).start()
         self.ready.set()
 
     def close(self):
         if self.engine is not None:
-            self.engine.stop()
+            self.engine.shutdown()

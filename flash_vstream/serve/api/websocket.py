@@ -144,7 +144,7 @@ class _Connection:
         timestamp = inputs.number(event.get("timestamp"), "timestamp", 0)
         _, data = inputs.decode_data_url(image, s.max_frame_bytes, ("image/",))
         frame = await asyncio.to_thread(inputs.decode_image, data, s.max_frame_bytes)
-        self.engine.offer_frame(self.session, frame, timestamp)
+        self.engine.push_frame(self.session, frame, timestamp)
 
     def _create_response(self, event):
         response_id = event.get("response_id")
