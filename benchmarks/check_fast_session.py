@@ -1,8 +1,8 @@
 """Check that the realtime fast path answers exactly as the stock path (a check, not a benchmark).
 
 Builds a tiny random Flash-VStream in fp32 (nothing downloaded), streams random frames into two
-`StreamSession`s -- `fast=True` (FastVisionEncoder, GreedyDecoder with the kept prefix and, on CUDA,
-its CUDA graphs) and `fast=False` (CLIPVisionTower + `model.generate`) -- and compares the memory
+`StreamSession`s -- the fast path, strict (FastVisionEncoder, GreedyDecoder with the kept prefix and, on
+CUDA, its CUDA graphs) and `fast=False` (CLIPVisionTower + `model.generate`) -- and compares the memory
 snapshots and the answers every few frames. Exit 1 when anything differs.
 
     python -m benchmarks.check_fast_session                 # CUDA when available
@@ -19,6 +19,7 @@ import torch
 
 from flash_vstream.demo.tiny import TINY_CORPUS, build_tiny_clip, build_tiny_vstream, train_tokenizer
 from flash_vstream.model.builder import load_pretrained_model
+from flash_vstream.runtime.options import FastPathOptions
 from flash_vstream.serve.session import StreamSession
 
 
@@ -39,10 +40,11 @@ def main(argv=None):
     frames = [rng.integers(0, 255, (48, 64, 3), dtype=np.uint8) for _ in range(args.frames)]
     common = dict(max_new_tokens=args.max_new_tokens)
     stock = StreamSession(model, tokenizer, image_processor, fast=False, **common)
-    fast = StreamSession(model, tokenizer, image_processor, fast=True, compile_decode=False, **common).warm_up()
-    if fast._vision is not None or fast._decoder is not None:
-        print(f"fast path: CLIP graph {getattr(fast._vision, 'graphed', None)}, decoder {fast._decoder.mode}, "
-              f"question graphs {sorted(fast._decoder._suffix)}, errors {fast._decoder.errors}")
+    # strict: a fast-path part that cannot run raises, so the check never passes on a fallback
+    options = FastPathOptions.from_cli("on", compile_decode=False, strict=True)
+    fast = StreamSession(model, tokenizer, image_processor, fast_path=options, **common).warm_up()
+    described = fast.fast_path.describe()
+    print(f"fast path: {described['summary']}; decode {described['decode']}, vision {described['vision']}")
     failures = 0
     for i, frame in enumerate(frames):
         stock.add_frame(frame, float(i))
