@@ -67,7 +67,7 @@ MEMORY_FLAGS=(
 COMMON_FLAGS=(
     --bf16 True --num_train_epochs 1 --weight_decay 0. --warmup_ratio 0.03 --lr_scheduler_type cosine
     --optim adamw_torch --logging_steps 1 --model_max_length 2048 --gradient_checkpointing True
-    --dataloader_num_workers 4 --lazy_preprocess True --group_by_modality_length True
+    --dataloader_num_workers 4 --lazy_preprocess True --group_by_modality_length True --packing True
     --save_strategy steps --save_steps 100 --save_total_limit 10 --report_to none
     --resume_from_checkpoint auto
 )

@@ -1,6 +1,6 @@
 """STAR memory: the spatial, temporal, abstract and retrieved memory of one video stream.
 
-A small state machine over tensors (paper §3.2, DESIGN §3). Training and offline eval feed a
+A small state machine over tensors (paper §3.2). Training and offline eval feed a
 whole clip as one chunk, the realtime engine feeds one frame at a time; both call the same
 `STARMemory.update`. The memory lives in CLIP feature space (D = `mm_hidden_size`) on the device
 of the features it is fed; distances and cluster arithmetic run in fp32 (matmul-based, so they
@@ -11,7 +11,7 @@ N_buff frames plus at most N_spa + N_tem + N_abs + N_ret memory frames, whatever
   "paper"     Algorithms 1-3 of the paper: bounded buffer, weighted k-means with persistent
               weights, time-ordered centroids, retrieval of the buffer frames nearest the
               largest clusters.
-  "upstream"  what the published code did (UPSTREAM §2.6), which the released checkpoint was
+  "upstream"  what the published code did, which the released checkpoint was
               trained with. Every difference carries an `# upstream:` note where it branches.
 """
 
@@ -65,7 +65,7 @@ class SemanticAttention(nn.Module):
     """Semantic Attention, the abstract-memory update (upstream "NeuralTuringMachine").
 
     Only `q_proj` and `k_proj` take part; `v_proj`, `out_proj` and `out_ln` are never used and
-    are kept so that released checkpoints load key for key (UPSTREAM §8 item 7).
+    are kept so that released checkpoints load key for key.
     """
 
     def __init__(self, input_dim, hidden_dim=32):

@@ -9,6 +9,7 @@ import torch
 from ..constants import IMAGE_TOKEN_INDEX
 from ..mm_utils import expand_image_tokens, process_images
 from .memory import SemanticAttention, STARMemory, abstract_memory
+from .language_model.packed import per_sample_counts
 from .multimodal_encoder.builder import build_vision_tower
 from .multimodal_projector.builder import build_vision_projector
 
@@ -115,22 +116,23 @@ class VStreamMetaForCausalLM:
         return None
 
     # --- memory tokens -> spliced embeddings --------------------------------------------------
-    def embed_with_memory(self, input_ids, memory_tokens):
+    def embed_with_memory(self, input_ids, memory_tokens, packed_position_ids=None):
         """Embed `input_ids` (B, L) and scatter the projected memory into its -200 positions.
 
-        Each row must already hold as many placeholders as its sample has memory tokens
-        (`expand_image_tokens`); rows are matched in order, text-only rows hold none.
+        Each sample must already hold as many placeholders as it has memory tokens
+        (`expand_image_tokens`); samples are matched in order, text-only ones hold none. A sample
+        is a row, or with `packed_position_ids` (B, L) (packed rows) a run of restarting positions.
         """
         model = self.get_model()
         is_memory = input_ids == IMAGE_TOKEN_INDEX  # (B, L)
         embeds = model.embed_tokens(input_ids.masked_fill(is_memory, 0))  # (B, L, hidden)
-        counts = is_memory.sum(dim=1).tolist()
+        counts = per_sample_counts(is_memory, packed_position_ids)
         tokens = [] if memory_tokens is None else list(memory_tokens)
         expected = [len(t) for t in tokens]
         placeholder_rows = [c for c in counts if c]
         if placeholder_rows != expected:
             raise ValueError(
-                f"memory/placeholder mismatch: rows hold {counts} <image> positions but the memory has "
+                f"memory/placeholder mismatch: the samples hold {counts} <image> positions but the memory has "
                 f"{expected} tokens per sample; expand prompts with expand_image_tokens()")
         if tokens:
             flat = torch.cat(tokens).to(device=embeds.device, dtype=model.mm_projector_dtype())  # (sum N, D)

@@ -28,6 +28,7 @@ from ..features import FeatureLoadError, feature_file_for, load_features, valid_
 from ..video_io import VideoReadError, load_image, read_frames
 
 logger = logging.getLogger(__name__)
+LONG_CLIP_FRAMES = 10**6  # a clip long enough to fill every memory (its memory size is the largest)
 MEMORY_BUILDS = ("forward", "dataloader")
 
 
@@ -176,12 +177,27 @@ class LazySupervisedDataset(Dataset):
 
     @property
     def modality_lengths(self):
-        """Approximate lengths for grouping; negative for text-only records."""
+        """Approximate lengths for grouping, memory tokens included; negative for text-only records.
+
+        Text counts its words. An image adds its memory size (one frame: 81 tokens in paper mode); a
+        video the memory of its frames up to `time` when the record cuts it, else of a long clip
+        (681 at the released sizes, exact from 26 frames on): no media file is opened here.
+        """
         lengths = []
         for record in self.records:
             words = sum(len(t.get("value", "").split()) for t in record["conversations"])
-            lengths.append(words + 681 if self._media(record) else -words)
+            media = self._media(record)
+            lengths.append(words + self._memory_length(record, media[0]) if media else -words)
         return lengths
+
+    def _memory_length(self, record, kind):
+        if kind == "image":
+            frames = 1
+        elif record.get("time") is not None:
+            frames = int(math.floor(record["time"] * self.video_fps + 1e-6)) + 1  # frames at t <= time, at most
+        else:
+            frames = LONG_CLIP_FRAMES
+        return memory_num_tokens(frames, self.config)
 
 
 @dataclass

@@ -16,6 +16,7 @@ from ..model import VStreamConfig, VStreamLlamaForCausalLM
 from ..model.builder import NON_LORA_FILE, load_adapter_weights, model_type_of
 from .checkpointing import resolve_auto, staged_outputs
 from .dataset import DataCollatorForSupervisedDataset, LazySupervisedDataset
+from .packing import DataCollatorForPackedDataset, check_packing
 from .vstream_trainer import VStreamTrainer, save_adapter
 
 
@@ -58,6 +59,9 @@ class DataArguments:
     image_aspect_ratio: str = None
     video_fps: float = None
     skip_bad_samples: bool = field(default=False, metadata={"help": "skip (and count) records with bad media"})
+    packing: bool = field(default=False, metadata={
+        "help": "pack each batch's samples (memory tokens included) into rows of up to model_max_length, no padding "
+                "between them; the attention keeps them apart (see train/packing.py)"})
     memory_build: str = field(default="dataloader", metadata={
         "help": "dataloader: the weight-free part of the STAR memory in the data loader's workers (feature mode), "
                 "the Semantic Attention batched in forward; forward: the whole memory per sample in forward (baseline)"})
@@ -74,7 +78,8 @@ class TrainingArguments(transformers.TrainingArguments):
     tune_mm_mlp_adapter: bool = field(default=False, metadata={"help": "stage 1: train projector + attention only"})
     freeze_mm_mlp_adapter: bool = False
     group_by_modality_length: bool = False
-    attn_implementation: str = field(default="sdpa", metadata={"help": "sdpa or flash_attention_2"})
+    attn_implementation: str = field(default="sdpa", metadata={
+        "help": "sdpa, flash_attention_2, flex_attention, or torch_varlen (PyTorch's varlen kernel, --packing only)"})
     lora_enable: bool = False
     lora_r: int = 64
     lora_alpha: int = 16
@@ -233,9 +238,16 @@ def save_outputs(trainer, model, tokenizer, config, training_args):
                 tokenizer.save_pretrained(out)
 
 
+def build_collator(data_args, training_args, tokenizer):
+    if data_args.packing:
+        return DataCollatorForPackedDataset(tokenizer.pad_token_id, max_length=training_args.model_max_length)
+    return DataCollatorForSupervisedDataset(tokenizer.pad_token_id)
+
+
 def train(argv=None, callbacks=None):
     """Run one stage from command-line flags; `callbacks`: extra `TrainerCallback`s (benchmarks, logging)."""
     model_args, data_args, training_args = parse_args(argv)
+    check_packing(data_args.packing, training_args.attn_implementation)
     init_deepspeed_comm(training_args)
     # Seeded before the build: weights the checkpoint lacks (a stage-1 adapter, LoRA) start from --seed,
     # so a run and its rerun (or a killed run and the reference it must match) start alike.
@@ -251,7 +263,7 @@ def train(argv=None, callbacks=None):
         skip_bad_samples=data_args.skip_bad_samples, memory_build=data_args.memory_build,
         memory_dtype=(model.get_base_model() if training_args.lora_enable else model).get_model().mm_projector_dtype())
     trainer = VStreamTrainer(model=model, args=training_args, train_dataset=dataset,
-                             data_collator=DataCollatorForSupervisedDataset(tokenizer.pad_token_id),
+                             data_collator=build_collator(data_args, training_args, tokenizer),
                              callbacks=callbacks)
     resume = training_args.resume_from_checkpoint
     if resume == "auto":  # the newest complete checkpoint-N of output_dir, if any (incomplete ones: skipped, removed)

@@ -4,8 +4,7 @@ import pytest
 import torch
 
 from flash_vstream.constants import IMAGE_TOKEN_INDEX
-from flash_vstream.demo.tiny import tiny_vstream_config
-from flash_vstream.model import VStreamLlamaForCausalLM
+from flash_vstream.demo.tiny import tiny_vstream_model
 from flash_vstream.runtime.decoder import GreedyDecoder, greedy_generate
 from flash_vstream.runtime.fused_decode import fuse_projections
 from support.decoding import fresh_model as _fresh_model, reference as _reference, step_logits as _step_logits
@@ -13,10 +12,7 @@ from support.decoding import fresh_model as _fresh_model, reference as _referenc
 
 @pytest.fixture(scope="module")
 def tiny_model():
-    config = tiny_vstream_config(vocab_size=300, clip_dir=None, clip_hidden=32)
-    torch.manual_seed(0)
-    model = VStreamLlamaForCausalLM._from_config(config, attn_implementation="sdpa", dtype=torch.float32)
-    return model.eval()
+    return tiny_vstream_model(seed=0)
 
 
 @pytest.mark.parametrize("with_memory", [True, False])

@@ -2,8 +2,7 @@
 
 import torch
 
-from flash_vstream.demo.tiny import tiny_vstream_config
-from flash_vstream.model import VStreamLlamaForCausalLM
+from flash_vstream.demo.tiny import tiny_vstream_model
 
 
 def reference(model, ids, memory, max_new_tokens, eos_token_id):
@@ -21,11 +20,7 @@ def reference(model, ids, memory, max_new_tokens, eos_token_id):
 
 def fresh_model(seed=0, **overrides):
     """A tiny model of its own (fusing rewrites the weights' storage: keep the shared fixture untouched)."""
-    torch.manual_seed(seed)
-    config = tiny_vstream_config(vocab_size=300, clip_dir=None, clip_hidden=32)
-    for key, value in overrides.items():
-        setattr(config, key, value)
-    return VStreamLlamaForCausalLM._from_config(config, attn_implementation="sdpa", dtype=torch.float32).eval()
+    return tiny_vstream_model(seed, **overrides)
 
 
 def step_logits(decoders, ids, memory, steps):

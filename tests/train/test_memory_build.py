@@ -5,7 +5,9 @@ import json
 
 import pytest
 import torch
-from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+from transformers import AutoTokenizer
+
+from flash_vstream.demo.tiny import build_tiny_llama
 
 from flash_vstream.model import VStreamConfig
 from flash_vstream.train.dataset import DataCollatorForSupervisedDataset, LazySupervisedDataset
@@ -19,12 +21,7 @@ CLIP_WIDTH = 32  # the tiny CLIP's hidden size (demo/tiny.py)
 def workdir(tmp_path_factory, tiny_tokenizer_dir):
     """A tiny LLM and feature files: videos of 1, 28 and 60 frames, an image, and a text-only record."""
     root = tmp_path_factory.mktemp("memory_build")
-    tokenizer = AutoTokenizer.from_pretrained(tiny_tokenizer_dir)
-    torch.manual_seed(0)
-    LlamaForCausalLM(LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128,
-                                 num_hidden_layers=2, num_attention_heads=4, bos_token_id=1, eos_token_id=2,
-                                 pad_token_id=0)).save_pretrained(root / "vicuna")
-    tokenizer.save_pretrained(root / "vicuna")
+    build_tiny_llama(str(root / "vicuna"), tiny_tokenizer_dir, hidden_size=64, num_layers=2, num_heads=4, seed=0)
     (root / "video_features").mkdir()
     (root / "image_features").mkdir()
     records = []

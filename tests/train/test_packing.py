@@ -9,10 +9,9 @@ import subprocess
 import numpy as np
 import pytest
 import torch
-from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
 from flash_vstream.constants import IGNORE_INDEX, IMAGE_TOKEN_INDEX
-from flash_vstream.demo.tiny import tiny_vstream_config
+from flash_vstream.demo.tiny import build_tiny_llama, tiny_vstream_config
 from flash_vstream.mm_utils import expand_image_tokens
 from flash_vstream.model import VStreamLlamaForCausalLM
 from flash_vstream.model.language_model.packed import TORCH_VARLEN, per_sample_counts, segment_starts
@@ -246,13 +245,7 @@ def test_packed_kernels_on_gpu_match_padded_sdpa(attn):
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory, tiny_tokenizer_dir, tiny_clip_dir):
     root = tmp_path_factory.mktemp("packing")
-    tokenizer = AutoTokenizer.from_pretrained(tiny_tokenizer_dir)
-    torch.manual_seed(0)
-    llm = LlamaForCausalLM(LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64,
-                                       num_hidden_layers=2, num_attention_heads=2, bos_token_id=1,
-                                       eos_token_id=2, pad_token_id=0))
-    llm.save_pretrained(root / "llm")
-    tokenizer.save_pretrained(root / "llm")
+    build_tiny_llama(str(root / "llm"), tiny_tokenizer_dir, hidden_size=32, num_layers=2, num_heads=2, seed=0)
     width = json.loads((open(os.path.join(tiny_clip_dir, "config.json")).read()))["hidden_size"]
     gen = torch.Generator().manual_seed(0)
     for name, frames in (("short", 3), ("long", 20)):

@@ -10,12 +10,11 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
-
 from flash_vstream.demo.synthetic import write_mp4
+from flash_vstream.demo.tiny import build_tiny_llama
 from flash_vstream.model.builder import load_pretrained_model
 from flash_vstream.train.train import train
-from flash_vstream.video_io import save_features
+from flash_vstream.features import save_features
 
 from support import REPO
 
@@ -29,13 +28,7 @@ def _frames(color, n, size=24):
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory, tiny_tokenizer_dir, tiny_clip_dir):
     root = tmp_path_factory.mktemp("train")
-    tokenizer = AutoTokenizer.from_pretrained(tiny_tokenizer_dir)
-    torch.manual_seed(0)
-    llm = LlamaForCausalLM(LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128,
-                                       num_hidden_layers=2, num_attention_heads=4, bos_token_id=1,
-                                       eos_token_id=2, pad_token_id=0))
-    llm.save_pretrained(root / "vicuna")
-    tokenizer.save_pretrained(root / "vicuna")
+    build_tiny_llama(str(root / "vicuna"), tiny_tokenizer_dir, hidden_size=64, num_layers=2, num_heads=4, seed=0)
     colors = {"red": (220, 20, 20), "blue": (20, 20, 220)}
     (root / "images").mkdir()
     (root / "videos").mkdir()

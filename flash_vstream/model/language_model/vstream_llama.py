@@ -47,7 +47,9 @@ class VStreamLlamaForCausalLM(VStreamMetaForCausalLM, LlamaPreTrainedModel, Gene
         if inputs_embeds is None and (media_given or self.training or input_ids.shape[1] > 1
                                       and bool((input_ids == IMAGE_TOKEN_INDEX).any())):
             tokens = self.memory_tokens(features=features, images=images, memory=memory, frozen_memory=frozen_memory)
-            inputs_embeds = self.embed_with_memory(input_ids, tokens)
+            # packed rows (no mask, positions restarting per sample, `train.packing`): one sample per run
+            packed = kwargs.get("position_ids") if attention_mask is None else None
+            inputs_embeds = self.embed_with_memory(input_ids, tokens, packed_position_ids=packed)
             input_ids = None
         outputs = self.model(input_ids=input_ids, attention_mask=attention_mask, inputs_embeds=inputs_embeds,
                              **kwargs)
