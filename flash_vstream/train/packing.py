@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import torch
 
 from ..constants import IGNORE_INDEX
-from ..model.language_model.packed import TORCH_VARLEN, torch_varlen_available
+from ..model.language_model.packed import TORCH_VARLEN
 from .dataset import SampleError
 
 MEDIA_KEYS = ("features", "images", "frozen_memory")
@@ -107,14 +107,13 @@ def check_packing(packing, attn_implementation):
         raise ValueError(f"--attn_implementation {TORCH_VARLEN} needs --packing True (it runs packed rows only)")
 
 
-def default_attn_implementation(packing):
-    """The attention `train_mem.py` picks when none is asked for: flash-attn 2 when installed (its
-    varlen kernel serves packed rows too), PyTorch's varlen kernel for packed rows on a GPU without
-    it, else None (keep the `sdpa` default, which runs packed rows under a block-diagonal mask)."""
+def default_attn_implementation():
+    """The attention `train_mem.py` picks when none is asked for: flash-attn 2 when installed (its varlen
+    kernel serves packed rows too), else None (keep the `sdpa` default, which runs packed rows under a
+    block-diagonal mask). `torch_varlen` stays opt-in (`--attn_implementation torch_varlen`): its kernel has
+    been checked on CPU against a per-sample reference only, not yet run on a GPU."""
     if importlib.util.find_spec("flash_attn") is not None:
         return "flash_attention_2"
-    if packing and torch_varlen_available():
-        return TORCH_VARLEN
     return None
 
 
