@@ -88,3 +88,26 @@ def test_realtime_table_matches_the_benchmark_json():
     fast, stock = _table_row(text, "peak memory")
     _check(fast, column("] peak GPU memory GB", "optimised"))
     _check(stock, column("] peak GPU memory GB", "stock"))
+
+
+def test_demo_table_and_remarks_match_the_recorded_run():
+    with open(os.path.join(DOCS, "demo_results.json")) as f:
+        run = json.load(f)
+    text = _readme()
+    rows = run["accuracy"]
+    columns = ["Flash-VStream (tiny)", "spatial-only", "majority answer"]
+    for family in ("all", "spatial", "start", "order", "longest", "appeared"):
+        cells = _table_row(text, family)
+        assert len(cells) == len(columns), family
+        for cell, column in zip(cells, columns):
+            _check(cell, [rows[column][family]])
+    background = run["accuracy_background_questions"]
+    for family, column, quoted in (("spatial", "Flash-VStream (tiny)", "`spatial` is {}% with the full memory"),
+                                   ("spatial", "spatial-only", "and {}%\n  spatial-only"),
+                                   ("start", "Flash-VStream (tiny)", "`start` is {}% with the full memory"),
+                                   ("start", "spatial-only", "and {}% spatial-only")):
+        value = background[column][family]
+        printed = f"{value:.1f}".rstrip("0").rstrip(".") if value % 1 else f"{value:.0f}"
+        assert quoted.format(printed) in text, (quoted, value)
+    assert f"({run['total_seconds']:.0f} s;" in text  # the run's time as recorded
+    assert run["machine"]["cpus"] == 2 and "2-core CPU machine" in text
