@@ -5,7 +5,7 @@ weights on the CPU (the parent never touches the GPU), writes random CLIP featur
 records, then runs the real training entry (`flash_vstream.train.train.train`) in a subprocess per run:
 
   baseline  `--memory_build forward`: each sample's STAR memory built in the forward pass, one clip at
-            a time, with gradient checkpointing (the training path before issue 15)
+            a time, with gradient checkpointing (the earlier training path)
   fast      `--memory_build dataloader`: the frozen part of the memory built in the data loader's
             workers (prefetch, pinned memory), the Semantic Attention batched in forward; gradient
             checkpointing as `--stageN-checkpointing` says
@@ -41,7 +41,7 @@ PRESETS = {  # LLaMA shapes: hidden, intermediate, layers, heads
     "1b": dict(hidden=2048, intermediate=5632, layers=22, heads=16),
     "7b": dict(hidden=4096, intermediate=11008, layers=32, heads=32),  # Vicuna-7B
 }
-PAPER_SAMPLES = {1: 790_000, 2: 763_000}  # one epoch of each stage's data (docs/benchmarks.md, UPSTREAM.md)
+PAPER_SAMPLES = {1: 790_000, 2: 763_000}  # one epoch of each stage's data (the paper's stage-1 and stage-2 data, docs/benchmarks.md)
 PHASES = ("data_wait", "prepare", "memory_build", "forward", "backward", "optimizer", "rest")
 
 

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The benchmark of issue 8 in one command: the real-time path on one GPU (CLIP extraction, streaming
+# The realtime benchmark in one command: the real-time path on one GPU (CLIP extraction, streaming
 # ingest, question -> answer, decode tokens/s, peak memory) beside the stock stack and two baselines.
 #
 #   bash scripts/benchmark.sh [OUT_DIR] [flags of python -m benchmarks.realtime]

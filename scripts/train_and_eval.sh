@@ -54,7 +54,7 @@ folders() {  # stage root -> image/video folder flags (features or raw media)
 
 if [[ -n "${HOSTFILE:-}" ]]; then LAUNCH=(deepspeed --hostfile "$HOSTFILE"); else LAUNCH=(deepspeed --include "localhost:$GPU_IDS"); fi
 
-# Memory and vision settings: the released config (DESIGN.md section 3), identical in both stages.
+# Memory and vision settings: the released config's values, identical in both stages.
 MEMORY_FLAGS=(
     --vision_tower "$VISION_TOWER" --mm_projector_type mlp2x_gelu --mm_vision_select_layer -2
     --mm_vision_select_feature patch --mm_use_im_start_end False --mm_use_im_patch_token False

@@ -9,7 +9,7 @@ section does not stop the others, and bench.json is rewritten after every sectio
 
 Outputs (`report`): DIR/bench.json (every number, device, versions, per-section status), DIR/bench.png
 (latency and memory against stream length, log x) and a table on stdout with the ratios and the
-targets of issue 8. Timing: wall clock around each call with the device synchronised before and after
+real-time targets. Timing: wall clock around each call with the device synchronised before and after
 (what a user waits), median / p99 over repeats after warm-up. `__main__` is the command line and the
 watchdog.
 """

@@ -1,5 +1,5 @@
 """`python -m flash_vstream.serve.server`: live video sessions, questions at any moment, an OpenAI-compatible
-API and a web page, on one model (the contract: SERVING.md; the guide: docs/serving.md).
+API and a web page, on one model (endpoints, events and errors: docs/serving.md).
 
     python -m flash_vstream.serve.server --model-path P [--host 127.0.0.1] [--port 8000] [--api-key KEY]
         [--media-root DIR] [--allow-remote-sources] [--max-sessions N] [--device cuda|cpu]
