@@ -44,3 +44,21 @@ else
 fi
 export PYTHON
 unset -f _fv_ready
+
+# The tests also need two system programs: ffmpeg (live RTSP/HLS sources over loopback) and chromium (the web
+# page in a real browser). Installed with apt-get where that is possible (root on Debian/Ubuntu), else named.
+if [[ "$_fv_extra" == "dev" && "${FLASH_VSTREAM_NO_SETUP:-0}" != "1" ]]; then
+  _fv_missing=""
+  command -v ffmpeg >/dev/null 2>&1 || _fv_missing+=" ffmpeg"
+  command -v chromium >/dev/null 2>&1 || _fv_missing+=" chromium"
+  if [[ -n "$_fv_missing" ]]; then
+    if [[ "$(id -u)" == "0" ]] && command -v apt-get >/dev/null 2>&1; then
+      echo "setup_env: installing$_fv_missing (apt-get)" >&2
+      { apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends $_fv_missing; } >&2 \
+        || { echo "setup_env: apt-get install$_fv_missing failed" >&2; return 1; }
+    else
+      echo "setup_env: the server tests need$_fv_missing (Debian: sudo apt-get install$_fv_missing); they fail without" >&2
+    fi
+  fi
+  unset _fv_missing
+fi
