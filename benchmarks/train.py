@@ -34,6 +34,8 @@ import subprocess
 import sys
 import time
 
+from flash_vstream.utils.files import write_json
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 H100_BF16_DENSE_FLOPS = 989e12  # the datasheet's dense bf16 rate of an H100 / H200 SXM
 PRESETS = {  # LLaMA shapes: hidden, intermediate, layers, heads
@@ -107,8 +109,7 @@ def build_inputs(root, args):
         records.append({"id": f"r{i}", "video": f"v{i % args.videos}.mp4", "conversations": [
             {"from": "human", "value": "<image>\ndescribe what happens in the video in detail."},
             {"from": "gpt", "value": answer}]})
-    with open(f"{root}/data.json", "w") as f:
-        json.dump(records, f)
+    write_json(f"{root}/data.json", records, indent=None)
     text_tokens = len(tokenizer("<image>\ndescribe what happens in the video in detail. " + answer).input_ids)
     return n_params, text_tokens
 
@@ -192,8 +193,7 @@ def worker(metrics_file, argv):
               "reserved_bytes": torch.cuda.max_memory_reserved() if cuda else 0,
               "trainable": sum(getattr(p, "ds_numel", p.numel()) for p in trainer.model.parameters() if p.requires_grad),
               "log": trainer.state.log_history}
-    with open(f"{metrics_file}.rank{rank}", "w") as f:
-        json.dump(result, f)
+    write_json(f"{metrics_file}.rank{rank}", result, indent=None)  # whole or absent: the parent reads it
     if torch.distributed.is_initialized():  # leave together: a rank gone early breaks the other's teardown
         torch.distributed.barrier()
         torch.distributed.destroy_process_group()
@@ -424,8 +424,7 @@ def main(argv=None):
         if base and "samples_per_s" in fast:
             fast["speedup_vs_baseline"] = fast["samples_per_s"] / base[0]["samples_per_s"]
     results["projection_7b"] = project_7b(results, args)
-    with open(os.path.join(args.output_dir, "bench_train.json"), "w") as f:
-        json.dump(results, f, indent=2)
+    write_json(os.path.join(args.output_dir, "bench_train.json"), results)
     print(json.dumps(results["projection_7b"], indent=2))
     print(table(results))
     if any("error" in r for group in ("baseline", "stages", "variants") for r in results[group]):

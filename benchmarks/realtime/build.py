@@ -217,7 +217,7 @@ def build_vision(b):
 def prompt_ids(tokenizer, vocab_size, seed=0):
     """(L,) ids of a vicuna_v1 question with one <image>: real with a tokenizer, else random ids of that length."""
     if tokenizer is not None:
-        from flash_vstream.eval_video.inference import build_prompt
+        from flash_vstream.conversation import build_prompt
         from flash_vstream.mm_utils import tokenizer_image_token
 
         return tokenizer_image_token(build_prompt(QUESTION, "vicuna_v1"), tokenizer, return_tensors="pt")
