@@ -160,10 +160,21 @@ def _letter_index(value, options, where, field="answer"):
 
 # ---------------------------------------------------------------- the benchmarks
 
-def _streamingbench(data, path):
+def _numbered(data, path, what):
+    """The items of an annotation file that must be a JSON list, numbered."""
     if not isinstance(data, list):
-        raise AnnotationProblem(f"{path}: expected a JSON list of videos with their questions")
-    for n, entry in enumerate(data):
+        raise AnnotationProblem(f"{path}: expected a JSON list of {what}")
+    return enumerate(data)
+
+
+def _identified(item, path, n):
+    """An item's `id` and the place that names it in problems; raises when the item has no id."""
+    item_id = _need(item, "id", f"{path}: item {n}")
+    return item_id, f"{path}: item {n} (id {item_id!r})"
+
+
+def _streamingbench(data, path):
+    for n, entry in _numbered(data, path, "videos with their questions"):
         where = f"{path}: entry {n}"
         try:
             video = _need(entry, "video_path", where, "text")
@@ -190,13 +201,9 @@ def _streamingbench(data, path):
 
 
 def _ovobench(data, path):
-    if not isinstance(data, list):
-        raise AnnotationProblem(f"{path}: expected a JSON list of OVO-Bench items")
-    for n, item in enumerate(data):
-        where = f"{path}: item {n}"
+    for n, item in _numbered(data, path, "OVO-Bench items"):
         try:
-            item_id = _need(item, "id", where)
-            where = f"{path}: item {n} (id {item_id!r})"
+            item_id, where = _identified(item, path, n)
             task = _need(item, "task", where, "text")
             if task not in OVO_TASK_CATEGORY:
                 raise AnnotationProblem(f"{where}: unknown task {task!r} (known: {', '.join(OVO_TASK_CATEGORY)})")
@@ -252,13 +259,9 @@ def _ovobench(data, path):
 
 
 def _vstream(data, path):
-    if not isinstance(data, list):
-        raise AnnotationProblem(f"{path}: expected a JSON list of QA items")
-    for n, item in enumerate(data):
-        where = f"{path}: item {n}"
+    for n, item in _numbered(data, path, "QA items"):
         try:
-            item_id = _need(item, "id", where)
-            where = f"{path}: item {n} (id {item_id!r})"
+            item_id, where = _identified(item, path, n)
             video = item.get("video") or _need(item, "video_id", where)
             text = _need(item, "question", where, "text")
             answer = _need(item, "answer", where)
