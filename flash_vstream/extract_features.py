@@ -30,7 +30,7 @@ import torch
 from .features import feature_file_for, save_features, valid_feature_file
 from .mm_utils import process_images
 from .utils.files import temp_files_for, write_json
-from .utils.sharding import shard_bounds
+from .utils.sharding import check_shard, shard_bounds
 from .video_io import (IMAGE_EXTENSIONS, VIDEO_EXTENSIONS, VideoReadError, is_image_path, is_url, is_video_path,
                        iter_frames, load_image)
 
@@ -122,7 +122,7 @@ def resolve_shard(num_chunks=None, chunk_idx=None, environ=os.environ):
         chunk_idx = int(environ.get("RANK", 0))
     elif num_chunks is None or chunk_idx is None:
         raise ValueError("--num-chunks and --chunk-idx go together")
-    shard_bounds(0, num_chunks, chunk_idx)  # validates
+    check_shard(num_chunks, chunk_idx)
     return num_chunks, chunk_idx, num_chunks > 1
 
 

@@ -40,7 +40,7 @@ import sys
 from flash_vstream.conversation import build_prompt
 from flash_vstream.eval_video.aggregate import assign_keys
 from flash_vstream.utils.files import ResumableJsonl, StaleFile
-from flash_vstream.utils.sharding import shard
+from flash_vstream.utils.sharding import check_shard, shard
 
 EXIT_ITEM_ERRORS = 2   # --fail-on-error and some items could not be answered
 EXIT_REFUSED = 3       # the output holds another run's lines and --on-mismatch refuse
@@ -377,8 +377,10 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     if args.batch_size < 1 or args.max_new_tokens < 1 or args.num_chunks < 1:
         p.error("--batch-size, --max-new-tokens and --num-chunks must be >= 1")
-    if not 0 <= args.chunk_idx < args.num_chunks:
-        p.error(f"--chunk-idx must be in 0..{args.num_chunks - 1}")
+    try:
+        check_shard(args.num_chunks, args.chunk_idx)
+    except ValueError as e:
+        p.error(str(e))
     if args.load_8bit and args.load_4bit:
         p.error("choose one of --load-8bit / --load-4bit")
     return args

@@ -38,7 +38,7 @@ from flash_vstream.eval_video.streaming_bench.loaders import (BENCHMARKS, Annota
                                                               load_annotations)
 from flash_vstream.eval_video.streaming_bench.scoring import load_prediction_files, score, write_report
 from flash_vstream.utils.files import ResumableJsonl, StaleFile
-from flash_vstream.utils.sharding import shard
+from flash_vstream.utils.sharding import check_shard, shard
 
 EXIT_BAD_ANNOTATION, EXIT_REFUSED = 2, 3
 
@@ -88,8 +88,10 @@ def parse_args(argv=None):
     else:
         if not (args.video_dir and args.model_path):
             p.error("inference needs --video-dir and --model-path (or pass --score)")
-        if not 0 <= args.chunk_idx < args.num_chunks:
-            p.error(f"--chunk-idx must be in 0..{args.num_chunks - 1}")
+        try:
+            check_shard(args.num_chunks, args.chunk_idx)
+        except ValueError as e:
+            p.error(str(e))
         if args.context_s is not None and args.protocol != "clip":
             p.error("--context-s belongs to --protocol clip")
     return args

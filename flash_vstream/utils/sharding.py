@@ -5,12 +5,17 @@ item exactly once, in order, whatever the number of chunks.
 """
 
 
-def shard_bounds(n, num_chunks, chunk_idx):
-    """[lo, hi) of `n` items for chunk `chunk_idx` of `num_chunks`."""
+def check_shard(num_chunks, chunk_idx):
+    """Raise ValueError unless `chunk_idx` names one of `num_chunks` (>= 1) chunks."""
     if num_chunks < 1:
         raise ValueError(f"num_chunks must be >= 1, got {num_chunks}")
     if not 0 <= chunk_idx < num_chunks:
-        raise ValueError(f"chunk index {chunk_idx} is outside 0..{num_chunks - 1}")
+        raise ValueError(f"--chunk-idx {chunk_idx} is outside 0..{num_chunks - 1}")
+
+
+def shard_bounds(n, num_chunks, chunk_idx):
+    """[lo, hi) of `n` items for chunk `chunk_idx` of `num_chunks`."""
+    check_shard(num_chunks, chunk_idx)
     return n * chunk_idx // num_chunks, n * (chunk_idx + 1) // num_chunks
 
 
