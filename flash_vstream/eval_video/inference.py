@@ -93,16 +93,22 @@ def generation_settings(args):
     }
 
 
-def run_identity(args):
-    """Fields stored on every line; `fingerprint` tells whether two lines come from the same run setup."""
-    identity = {
-        "model": os.path.realpath(args.model_path),
-        "model_base": os.path.realpath(args.model_base) if args.model_base else None,
-        "model_config_sha256": config_sha256(args.model_path),
-        "generation": generation_settings(args),
-    }
+def model_identity(model_path, model_base=None):
+    """Which model answered: its resolved path, its base and a hash of its config."""
+    return {"model": os.path.realpath(model_path),
+            "model_base": os.path.realpath(model_base) if model_base else None,
+            "model_config_sha256": config_sha256(model_path)}
+
+
+def fingerprinted(identity):
+    """`identity` with its `fingerprint`: a short hash of all its fields, equal exactly for equal run setups."""
     text = json.dumps(identity, sort_keys=True)
     return {**identity, "fingerprint": hashlib.sha256(text.encode()).hexdigest()[:16]}
+
+
+def run_identity(args):
+    """Fields stored on every line; `fingerprint` tells whether two lines come from the same run setup."""
+    return fingerprinted({**model_identity(args.model_path, args.model_base), "generation": generation_settings(args)})
 
 
 # ---------------------------------------------------------------- prediction files

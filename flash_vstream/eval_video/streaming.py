@@ -29,7 +29,6 @@ and a video is streamed once instead of cut into a clip per question (kept as --
 """
 
 import argparse
-import hashlib
 import json
 import os
 import sys
@@ -98,18 +97,14 @@ def parse_args(argv=None):
 
 
 def run_identity(args):
-    from flash_vstream.eval_video.inference import config_sha256
+    from flash_vstream.eval_video.inference import fingerprinted, model_identity
 
-    identity = {
-        "model": os.path.realpath(args.model_path),
-        "model_base": os.path.realpath(args.model_base) if args.model_base else None,
-        "model_config_sha256": config_sha256(args.model_path),
+    return fingerprinted({
+        **model_identity(args.model_path, args.model_base),
         "benchmark": args.benchmark, "protocol": args.protocol, "context_s": args.context_s,
         "settings": {"fps": args.fps, "max_new_tokens": args.max_new_tokens, "conv_mode": args.conv_mode,
                      "loglik": not args.no_loglik, "decoding": "greedy"},
-    }
-    text = json.dumps(identity, sort_keys=True)
-    return {**identity, "fingerprint": hashlib.sha256(text.encode()).hexdigest()[:16]}
+    })
 
 
 def prediction_file(args):
