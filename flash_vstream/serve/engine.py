@@ -54,9 +54,10 @@ import traceback
 
 from ..video_io import VideoReadError
 from .session import EmptyStreamError, state_nbytes
-from .telemetry import EventLog, role_stats, rss_bytes
+from .telemetry import EventLog, LatencyStats, role_stats, rss_bytes
 
 POLL_S = 0.1  # every wait wakes at least this often to look at the stop flag
+LAG_SAMPLES = 1024  # a session's ingest-lag percentiles are over (a reservoir of) this many frames
 JOIN_TIMEOUT_S = 10.0
 DEFAULT_SESSION = "main"  # the id of the session given to the constructor (the CLI's one session)
 WORK_ROOM = 256  # a work queue's room beyond the scripted questions: lines a person types
@@ -220,6 +221,9 @@ class Stream:
         self.connections = 0  # clients attached (WebSockets)
         self.busy = 0  # frames or answers a lane is running now
         self.reader = None  # the source thread
+        # ingest lag: a frame's arrival (a push received, a source's frame released) -> in the memory
+        self.ingest_lag = LatencyStats(capacity=LAG_SAMPLES)
+        self.unlanded = {}  # the future of each frame queued or being ingested -> its arrival (perf_counter)
 
     @property
     def kind(self):
@@ -231,8 +235,14 @@ class Stream:
         return {"produced": self.frames_produced, "ingested": self.frames_ingested,
                 "dropped": self.frames_dropped, "stream_time": self.stream_time}
 
+    def oldest_unlanded(self):
+        """perf_counter arrival of the oldest frame not in the memory yet, or None."""
+        arrivals = list(self.unlanded.copy().values())  # copy(): atomic while other threads add and pop
+        return min(arrivals) if arrivals else None
+
     def describe(self):
         snapshot = self.session.snapshot() if self.session is not None else None
+        lag = self.ingest_lag.summary()
         return {
             "id": self.id,
             "object": "session",
@@ -245,6 +255,10 @@ class Stream:
             "dropped_frames": self.frames_dropped,
             "error": self.error,
             "created": int(self.created),
+            "frames_ingested": self.frames_ingested,
+            "queued_frames": len(self.frames),
+            "ingest_lag_s": {"count": lag["count"], "last": self.ingest_lag.last, "p50": lag["p50"],
+                             "p99": lag["p99"], "max": lag["max"]},
         }
 
 
@@ -463,10 +477,29 @@ class Engine:
             if item is not END_OF_STREAM and item[2] is not None and not item[2].done():
                 item[2].set_result(None)
 
-    def push_frame(self, stream, frame, timestamp, wait=False):
+    def _landing(self, stream, arrived=None):
+        """The future a queued frame carries: the ingest lane resolves it with the snapshot once the frame
+        is in the memory (or with None when it is dropped); then the frame's lag is counted."""
+        future = concurrent.futures.Future()
+        stream.unlanded[future] = time.perf_counter() if arrived is None else arrived
+
+        def landed(done):
+            arrived = stream.unlanded.pop(done, None)
+            if arrived is None or done.cancelled() or done.exception() is not None or done.result() is None:
+                return
+            lag = time.perf_counter() - arrived
+            stream.ingest_lag.add(lag)
+            if self.metrics is not None:
+                self.metrics.ingest_lag.observe(lag)
+
+        future.add_done_callback(landed)
+        return future
+
+    def push_frame(self, stream, frame, timestamp, wait=False, arrived=None):
         """A pushed frame (uint8 (H, W, 3)) at `timestamp` seconds, sampled at the session's fps (the first
         frame at or after each sample time k / fps is taken, as a camera source samples). Returns a future
-        resolved once it is in the memory (with the snapshot) or dropped (None); `wait=False`: at once."""
+        resolved once it is in the memory (with the snapshot) or dropped (None); `wait=False`: at once.
+        `arrived` (perf_counter): when the frame reached the server, where its ingest lag starts (default now)."""
         timestamp = float(timestamp)
         future = concurrent.futures.Future()
         with self._lock:
@@ -489,10 +522,12 @@ class Engine:
                 return future
             stream.next_sample_t = (math.floor(timestamp * stream.fps + 1e-6) + 1) / stream.fps
             stream.frames_produced += 1
-            self._put_frame(stream, (frame, timestamp, future if wait else None), drop_oldest=True)
+            landing = self._landing(stream, arrived)
+            self._put_frame(stream, (frame, timestamp, landing), drop_oldest=True)
         if not wait:
             future.set_result(None)
-        return future
+            return future
+        return landing
 
     def end(self, stream):
         """No more frames for `stream` (a push client said so): it ends once its queued frames are in."""
@@ -533,7 +568,7 @@ class Engine:
                 delay = wall0 + (t - t0) / stream.play_speed - time.perf_counter()
                 if delay > 0 and self.stop_event.wait(delay):
                     return
-                if not self._put_frame(stream, (frame, t, None), drop_oldest):
+                if not self._put_frame(stream, (frame, t, self._landing(stream)), drop_oldest):
                     return
                 stream.frames_produced += 1
         finally:

@@ -3,6 +3,7 @@ API and a web page, on one model (endpoints, events and errors: docs/serving.md)
 
     python -m flash_vstream.serve.server --model-path P [--host 127.0.0.1] [--port 8000] [--api-key KEY]
         [--media-root DIR] [--allow-remote-sources] [--max-sessions N] [--device cuda|cpu]
+        [--vision-device cuda:1]
 
 The process: uvicorn serves the app (`api/app.py`) at once, `GET /health` says `loading` while the model
 loads on a background thread, and one line `listening on http://HOST:PORT` is printed once it says `ok`
@@ -42,6 +43,9 @@ def build_parser():
     p.add_argument("--allow-remote-sources", action="store_true", help="accept rtsp:// and http(s):// sources")
     p.add_argument("--max-sessions", type=int, default=d.max_sessions)
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
+    p.add_argument("--vision-device", default=None,
+                   help="encode frames and keep the memories on this device (e.g. cuda:1), answer on --device "
+                        "(e.g. cuda:0); default: beside the LLM")
     p.add_argument("--max-frame-bytes", type=int, default=d.max_frame_bytes, help="largest pushed image")
     p.add_argument("--max-video-bytes", type=int, default=d.max_video_bytes, help="largest data-URL video")
     p.add_argument("--max-video-frames", type=int, default=d.max_video_frames,
@@ -56,6 +60,13 @@ def build_parser():
     p.add_argument("--fast", choices=("off", "auto", "on"), default=d.fast,
                    help="the realtime fast path per session (CUDA graphs, static-cache decoder; each session builds "
                         "and compiles its own, 30-50 s on a 7B); off: the stock path")
+    p.add_argument("--memory-budget-gb", type=float, default=None,
+                   help="accelerator memory for sessions' memory state and answers' KV caches; a session or question "
+                        "beyond it gets 429 (default on CUDA: free memory after loading less a headroom; CPU: none)")
+    p.add_argument("--ingest-lag-target", type=float, default=d.ingest_lag_target_s,
+                   help="seconds: new answers wait while a frame has waited longer than this to reach its memory")
+    p.add_argument("--max-answer-defer", type=float, default=d.max_answer_defer_s,
+                   help="seconds: the longest a new answer waits for the ingest lane to catch up")
     p.add_argument("--log-level", default="info")
     return p
 
@@ -67,16 +78,26 @@ def settings_from_args(args):
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1")
     if not args.idle_timeout > 0:
         raise ValueError("--idle-timeout must be > 0")
+    if args.memory_budget_gb is not None and not args.memory_budget_gb > 0:
+        raise ValueError("--memory-budget-gb must be > 0")
+    if not args.ingest_lag_target > 0 or args.max_answer_defer < 0:
+        raise ValueError("--ingest-lag-target must be > 0 and --max-answer-defer >= 0")
     if args.media_root is not None and not os.path.isdir(args.media_root):
         raise ValueError(f"--media-root {args.media_root}: not a folder")
+    if args.vision_device is not None:
+        from ..runtime.devices import parse_device
+
+        parse_device(args.vision_device)  # a bad device string: a clear error before anything loads
     return Settings(model_path=args.model_path, model_base=args.model_base, model_id=args.model_name,
-                    device=args.device, api_key=args.api_key, media_root=args.media_root,
+                    device=args.device, vision_device=args.vision_device, api_key=args.api_key, media_root=args.media_root,
                     allow_remote_sources=args.allow_remote_sources, max_sessions=args.max_sessions,
                     max_frame_bytes=args.max_frame_bytes, max_video_bytes=args.max_video_bytes,
                     max_video_frames=args.max_video_frames, max_question_chars=args.max_question_chars,
                     max_tokens=args.max_tokens, default_max_tokens=min(64, args.max_tokens),
                     max_pending_questions=args.max_pending_questions, idle_timeout_s=args.idle_timeout,
-                    conv_mode=args.conv_mode, fast=args.fast)
+                    conv_mode=args.conv_mode, fast=args.fast,
+                    memory_budget_bytes=None if args.memory_budget_gb is None else int(args.memory_budget_gb * 1e9),
+                    ingest_lag_target_s=args.ingest_lag_target, max_answer_defer_s=args.max_answer_defer)
 
 
 class RedactKeys(logging.Filter):
@@ -127,6 +148,18 @@ async def _serve(server, state, host):
     await serving
 
 
+def uvicorn_config(state, host, port, log_level="info"):
+    """How uvicorn serves the app of `state` (the benchmark serves its in-process model the same way)."""
+    import uvicorn
+
+    settings = state.settings
+    # a WebSocket message holds one base64 image (4/3 of its bytes) plus the event's JSON
+    ws_max = settings.max_frame_bytes * 4 // 3 + 64 * 1024
+    return uvicorn.Config(create_app(state), host=host, port=port, access_log=False, ws="websockets",
+                          ws_max_size=ws_max, log_config=_log_config(log_level, settings.api_key),
+                          timeout_graceful_shutdown=5)
+
+
 def main(argv=None):
     import uvicorn
 
@@ -137,13 +170,7 @@ def main(argv=None):
         print(f"error: {e}", file=sys.stderr, flush=True)
         return 2
     state = ServerState(settings)
-    app = create_app(state)
-    # a WebSocket message holds one base64 image (4/3 of its bytes) plus the event's JSON
-    ws_max = settings.max_frame_bytes * 4 // 3 + 64 * 1024
-    config = uvicorn.Config(app, host=args.host, port=args.port, access_log=False, ws="websockets",
-                            ws_max_size=ws_max, log_config=_log_config(args.log_level, settings.api_key),
-                            timeout_graceful_shutdown=5)
-    server = uvicorn.Server(config)
+    server = uvicorn.Server(uvicorn_config(state, args.host, args.port, args.log_level))
     threading.Thread(target=_load_quietly, args=(state,), name="model loader", daemon=True).start()
     asyncio.run(_serve(server, state, args.host))
     return 1 if state.load_error is not None else 0

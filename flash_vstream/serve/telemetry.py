@@ -30,11 +30,16 @@ class LatencyStats:
     several sessions may add to one."""
 
     def __init__(self, capacity=8192, seed=0):
-        self.count, self.total, self.max = 0, 0.0, 0.0
         self.capacity = capacity
-        self._samples = []
         self._rng = random.Random(seed)
         self._lock = threading.Lock()
+        self.reset()
+
+    def reset(self):
+        """Forget every sample (a benchmark's warm-up)."""
+        with self._lock:
+            self.count, self.total, self.max, self.last = 0, 0.0, 0.0, None
+            self._samples = []
 
     def add(self, seconds):
         if seconds is None:
@@ -43,12 +48,18 @@ class LatencyStats:
             self.count += 1
             self.total += seconds
             self.max = max(self.max, seconds)
+            self.last = seconds
             if len(self._samples) < self.capacity:
                 self._samples.append(seconds)
             else:
                 slot = self._rng.randrange(self.count)
                 if slot < self.capacity:
                     self._samples[slot] = seconds
+
+    def samples(self):
+        """The samples kept (all of them up to `capacity`, then the reservoir), in no particular order."""
+        with self._lock:
+            return list(self._samples)
 
     def summary(self):
         with self._lock:

@@ -12,6 +12,7 @@ import hmac
 import logging
 import os
 import threading
+import time
 
 from fastapi import FastAPI, Request
 from fastapi.responses import FileResponse, JSONResponse, Response
@@ -201,6 +202,7 @@ def create_app(state):
 
     @app.post("/v1/sessions/{session_id}/frames")
     async def push_frame(session_id: str, request: Request):
+        arrived = time.perf_counter()  # the frame's ingest lag counts from here
         s = state.settings
         session = state.engine.get(session_id)
         content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
@@ -222,7 +224,7 @@ def create_app(state):
             raise SessionError(400, "unsupported_media_type", "send image/jpeg or image/png with ?timestamp=, "
                                "or JSON {\"image\": data URL, \"timestamp\": s}")
         frame = await asyncio.to_thread(inputs.decode_image, data, s.max_frame_bytes)
-        future = state.engine.push_frame(session, frame, timestamp, wait=True)
+        future = state.engine.push_frame(session, frame, timestamp, wait=True, arrived=arrived)
         try:
             await asyncio.wait_for(asyncio.wrap_future(future), FRAME_TIMEOUT_S)
         except asyncio.TimeoutError:

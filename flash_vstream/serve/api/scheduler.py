@@ -1,24 +1,137 @@
 """The server's face of the engine (`serve/engine.py`): sessions created from requests, by generated id.
 
 `ServerEngine` is the one `Engine` set up as the server runs it -- a failure fails its session only,
-an answer lane thread answers the sessions' questions round robin, the ingest lane runs until the
-server stops -- plus what only a server needs: a bound on sessions, ids, the request's source turned
-into a frame source, idle sessions reaped, client connections counted.
+an answer lane thread answers the sessions' questions, the ingest lane runs until the server stops --
+plus what only a server needs: a bound on sessions, ids, the request's source turned into a frame
+source, idle sessions reaped, client connections counted, and the two scheduling rules below.
+
+Memory budget (admission control). The accelerator holds the weights, every session's STAR memory state
+and, while a question is answered, its KV cache. `MemoryBudget` counts bytes against one total: a
+session reserves its state at full size (`session_state_bytes`: the frame buffer, temporal centroids,
+abstract slots, spatial and retrieved frames, one published snapshot) when it is created and gives it
+back when it is deleted; a question reserves its KV cache and projected memory (`question_bytes`) from
+the moment it is accepted until its answer ends. A session or question that would pass the total is
+refused with 429 `memory_budget_exceeded` -- the request fails, never the GPU. The default total on
+CUDA is the free memory once the model is loaded, less a headroom for activations (CLIP batches,
+prefill) and the allocator's slack; on a CPU there is no default bound.
+
+Ingest first. Answers and frames share one GPU; a frame that waits is lag a viewer sees, an answer
+that starts a little later is not. A new question is handed to the answer lane at once while every
+session's oldest waiting frame is younger than `ingest_lag_target_s`; while some frame is older (the
+ingest lane is behind), new questions wait (`deferred`), up to `max_answer_defer_s` each, so the
+answers do not add to the GPU's work until the ingest lane caught up. A question is answered from the
+memory as it stood when it arrived, deferred or not.
 """
 
+import collections
 import math
 import secrets
+import threading
 import time
 
-from ..engine import Engine, SessionError
+from ..engine import POLL_S, Engine, QuestionJob, SessionError
+from ..session import PROMPT_ROOM
 from ..sources import FrameSource, open_source
+
+HEADROOM_FRACTION = 0.10  # CUDA default budget: free memory after loading less this share of the device ...
+HEADROOM_MIN_BYTES = 4 * 2**30  # ... and at least this much (activations of a CLIP batch, prefill, fragments)
+INGEST_LAG_TARGET_S = 0.5
+MAX_ANSWER_DEFER_S = 1.0
+
+
+def session_state_bytes(config, dtype_bytes):
+    """Bytes one session's STAR memory holds at its largest (a stream longer than the buffer), plus one
+    published snapshot of its tokens. `dtype_bytes`: the element size the frames are stored in (the
+    projector's dtype); cluster points, keys and abstract slots are fp32, times fp64 (model/memory.py)."""
+    d = config.mm_hidden_size
+    spa, tem, abs_ = config.spatial_pool**2, config.temporal_pool**2, config.abstract_pool**2
+    frames = (config.buffer_frames + config.spatial_frames + config.retrieved_frames) * spa * d * dtype_bytes
+    if config.memory_mode == "upstream":  # retrieval reads the stream's first frames, kept apart
+        frames += config.temporal_frames * spa * d * dtype_bytes
+    keys = config.buffer_frames * (tem * d * 4 + 8)  # the buffer's flattened 4x4 grids (fp32) and times
+    times = (config.spatial_frames + config.retrieved_frames) * 8
+    temporal = (config.temporal_frames + 1) * (tem * d * 4 + 4 + 3 * 8)  # centroids, weight, 3 times
+    abstract = config.abstract_frames * abs_ * d * 4
+    from ...model.memory import memory_num_tokens
+
+    snapshot = memory_num_tokens(10**6, config) * d * dtype_bytes
+    return frames + keys + times + temporal + abstract + snapshot
+
+
+def kv_bytes_per_token(config, dtype_bytes):
+    """Key + value bytes one token takes in the LLM's cache, over all layers."""
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+    return 2 * config.num_hidden_layers * kv_heads * head_dim * dtype_bytes
+
+
+def question_bytes(config, dtype_bytes, memory_tokens, max_tokens):
+    """What an answer holds while it runs: the KV cache of prompt text (up to PROMPT_ROOM tokens), memory
+    and answer, and the memory projected into the LLM's width."""
+    tokens = PROMPT_ROOM + memory_tokens + max_tokens
+    return tokens * kv_bytes_per_token(config, dtype_bytes) + memory_tokens * config.hidden_size * dtype_bytes
+
+
+def default_budget_bytes(device):
+    """CUDA: the free memory now (the model loaded) less the headroom; None elsewhere (no bound)."""
+    import torch
+
+    device = torch.device(device)
+    if device.type != "cuda":
+        return None
+    free, total = torch.cuda.mem_get_info(device)
+    return max(0, free - max(HEADROOM_MIN_BYTES, int(HEADROOM_FRACTION * total)))
+
+
+class MemoryBudget:
+    """Reservations of accelerator bytes against `total_bytes` (None: unbounded, still counted)."""
+
+    def __init__(self, total_bytes=None):
+        if total_bytes is not None and total_bytes < 0:
+            raise ValueError(f"a memory budget is >= 0 bytes, got {total_bytes}")
+        self.total_bytes = total_bytes
+        self._held = {}  # key -> (kind, bytes)
+        self._lock = threading.Lock()
+        self.refused = collections.Counter()  # kind -> reservations refused
+
+    def reserve(self, key, kind, nbytes, what):
+        """Hold `nbytes` under `key`, or raise 429 naming `what` when they do not fit."""
+        with self._lock:
+            used = sum(b for _, b in self._held.values())
+            if self.total_bytes is not None and used + nbytes > self.total_bytes:
+                self.refused[kind] += 1
+                raise SessionError(429, "memory_budget_exceeded",
+                                   f"{what} needs {nbytes / 2**20:.1f} MiB of accelerator memory; "
+                                   f"{max(0, self.total_bytes - used) / 2**20:.1f} MiB of the "
+                                   f"{self.total_bytes / 2**20:.1f} MiB budget are free")
+            self._held[key] = (kind, int(nbytes))
+
+    def release(self, key):
+        with self._lock:
+            self._held.pop(key, None)
+
+    def used(self, kind=None):
+        with self._lock:
+            return sum(b for k, b in self._held.values() if kind is None or k == kind)
+
+    def describe(self):
+        with self._lock:
+            by_kind = collections.Counter()
+            for kind, nbytes in self._held.values():
+                by_kind[kind] += nbytes
+        return {"total_bytes": self.total_bytes, "sessions_bytes": by_kind["session"],
+                "questions_bytes": by_kind["question"], "refused": dict(self.refused)}
 
 
 class ServerEngine(Engine):
-    """Owns the model and the lanes; the web layer calls these methods from any thread."""
+    """Owns the model and the lanes; the web layer calls these methods from any thread.
+
+    `budget`: a MemoryBudget; `session_bytes`: what a session reserves; `question_bytes(memory_tokens,
+    max_tokens)`: what a question reserves (None: questions reserve nothing)."""
 
     def __init__(self, make_stream, max_sessions=16, inbox_size=8, max_pending_questions=4, idle_timeout_s=600.0,
-                 metrics=None, open_source_fn=open_source):
+                 metrics=None, open_source_fn=open_source, budget=None, session_bytes=0, question_bytes=None,
+                 ingest_lag_target_s=INGEST_LAG_TARGET_S, max_answer_defer_s=MAX_ANSWER_DEFER_S):
         super().__init__(inbox_size=inbox_size, on_error="session", answer_lane=True, keep_running=True,
                          max_pending_questions=max_pending_questions, metrics=metrics)
         self.make_stream = make_stream  # fps -> a new StreamSession on the shared model
@@ -26,6 +139,28 @@ class ServerEngine(Engine):
         self.idle_timeout_s = float(idle_timeout_s)
         self.open_source = open_source_fn
         self._reserved = 0  # sessions being built (their StreamSession) that count against max_sessions
+        self.budget = budget if budget is not None else MemoryBudget()
+        self.session_bytes = int(session_bytes)
+        self.question_bytes = question_bytes
+        if not ingest_lag_target_s > 0 or max_answer_defer_s < 0:
+            raise ValueError("ingest_lag_target_s must be > 0 and max_answer_defer_s >= 0")
+        self.ingest_lag_target_s = float(ingest_lag_target_s)
+        self.max_answer_defer_s = float(max_answer_defer_s)
+        self._deferred = collections.deque()  # (stream, QuestionJob) waiting for the ingest lane to catch up
+        self.questions_deferred = 0  # how many questions ever waited
+
+    def start(self):
+        super().start()
+        self._start_thread("scheduler", self._dispatch_loop)
+        return self
+
+    def stop(self):
+        super().stop()
+        with self._lock:
+            for _, job in self._deferred:
+                if not job.future.done():
+                    job.future.set_exception(SessionError(503, "stopping", "the engine is stopping"))
+            self._deferred.clear()
 
     def shutdown(self, timeout=10.0):
         """Close every session, stop the lanes and wait for them."""
@@ -39,10 +174,13 @@ class ServerEngine(Engine):
         """A new session; its source thread starts for file / url / camera / media sources. `source` is
         validated (paths resolved) by the caller; `source["_open"]` says how to open it (`open_source`
         kwargs, or `frames`: a callable giving (frame, t)) and how to play it."""
+        stream_id = f"sess_{secrets.token_hex(8)}"
         with self._lock:
             if len(self._streams) + self._reserved >= self.max_sessions:
                 raise SessionError(429, "too_many_sessions", f"at most {self.max_sessions} sessions at once")
+            self.budget.reserve(stream_id, "session", self.session_bytes, "a new session")
             self._reserved += 1  # the slot is taken before the (slower) construction
+        stream = None
         try:
             session = self.make_stream(fps)
             options = dict(source.get("_open", {}))
@@ -58,14 +196,21 @@ class ServerEngine(Engine):
                 frames = lambda: self.open_source(video_fps=fps, **options)  # noqa: E731 - opened by its thread
             public = {k: v for k, v in source.items() if not k.startswith("_")}
             with self._lock:
-                stream = self.add_session(f"sess_{secrets.token_hex(8)}", session, frames, play_speed=play_speed,
+                stream = self.add_session(stream_id, session, frames, play_speed=play_speed,
                                           fps=float(fps), public=public, hidden=hidden, frame_limit=frame_limit,
                                           end_is_failure=end_is_failure)
         finally:
             with self._lock:
                 self._reserved -= 1
+            if stream is None:
+                self.budget.release(stream_id)
         if self.metrics is not None:
             self.metrics.sessions_created.inc()
+        return stream
+
+    def remove_session(self, stream_id):
+        stream = super().remove_session(stream_id)
+        self.budget.release(stream_id)
         return stream
 
     def get(self, session_id):
@@ -101,3 +246,90 @@ class ServerEngine(Engine):
             self.remove_session(session_id)
         return idle
 
+    # --- questions: admission and ingest first ---------------------------------------------------
+    def ask(self, stream, question, max_tokens=None, temperature=None, on_text=None, snapshot=None, arrived=None):
+        """As `Engine.ask`, after the memory budget took the question, and held back while the ingest lane
+        is behind (see the module's docstring). Returns the `QuestionJob` the caller waits on."""
+        arrived = time.perf_counter() if arrived is None else arrived
+        with self._lock:
+            self._check_open(stream)
+            snapshot = stream.session.snapshot() if snapshot is None else snapshot
+            if snapshot is None:
+                raise SessionError(409, "no_frames_yet", f"session {stream.id} has no frames in memory yet")
+            waiting = len(stream.questions) + sum(s is stream for s, _ in self._deferred)
+            if self.max_pending_questions is not None and waiting >= self.max_pending_questions:
+                raise SessionError(429, "too_many_questions", f"session {stream.id} already has "
+                                   f"{self.max_pending_questions} questions waiting")
+            key = f"question_{secrets.token_hex(8)}"
+            if self.question_bytes is not None:
+                tokens = stream.session.max_new_tokens if max_tokens is None else max_tokens
+                self.budget.reserve(key, "question", self.question_bytes(snapshot.num_tokens, tokens),
+                                    f"a question of up to {tokens} tokens")
+            try:
+                if self._deferred or self.ingest_backlog_s() > self.ingest_lag_target_s:
+                    job = QuestionJob(question, snapshot, on_text, max_tokens, temperature, arrived=arrived)
+                    self._deferred.append((stream, job))
+                    self.questions_deferred += 1
+                    self._lock.notify_all()
+                else:
+                    job = super().ask(stream, question, max_tokens, temperature, on_text, snapshot, arrived)
+            except BaseException:
+                self.budget.release(key)
+                raise
+        job.future.add_done_callback(lambda _: self.budget.release(key))
+        return job
+
+    def ingest_backlog_s(self, now=None):
+        """Seconds the oldest frame not yet in any running session's memory has waited (0: none waits)."""
+        now = time.perf_counter() if now is None else now
+        with self._lock:
+            oldest = [s.oldest_unlanded() for s in self._streams.values() if s.state == "running"]
+        oldest = [t for t in oldest if t is not None]
+        return max(0.0, now - min(oldest)) if oldest else 0.0
+
+    def deferred_count(self):
+        with self._lock:
+            return len(self._deferred)
+
+    def _dispatch_loop(self):
+        """Hands deferred questions to the answer lane, oldest first, once the ingest lane caught up or a
+        question waited `max_answer_defer_s`."""
+        while not self.stopped:
+            with self._lock:
+                if not self._deferred:
+                    self._lock.wait(POLL_S)
+                    continue
+                now = time.perf_counter()
+                caught_up = self.ingest_backlog_s(now) <= self.ingest_lag_target_s
+                while self._deferred and (caught_up or now - self._deferred[0][1].arrived >= self.max_answer_defer_s):
+                    self._release(*self._deferred.popleft())
+                if self._deferred:
+                    self._lock.wait(min(POLL_S, 0.01 + max(0.0, self.max_answer_defer_s -
+                                                           (now - self._deferred[0][1].arrived))))
+
+    def _release(self, stream, held):
+        """Hand a deferred job to the answer lane: the lane's job answers, `held` (what the caller waits
+        on) takes its outcome; a cancel of `held` reaches the lane's job (they share the event)."""
+        if held.cancelled.is_set() or not self.is_open(stream):
+            if not held.future.done():
+                held.future.set_exception(SessionError(409, "session_closed", "the session was closed")
+                                          if not self.is_open(stream) else
+                                          SessionError(499, "cancelled", "the client went away"))
+            return
+        try:
+            job = Engine.ask(self, stream, held.question, held.max_tokens, held.temperature, held.on_text,
+                             held.snapshot, held.arrived)
+        except SessionError as error:
+            held.future.set_exception(error)
+            return
+        job.cancelled = held.cancelled  # under the engine's lock: the lane has not taken the job yet
+
+        def settle(done):
+            if held.future.done():
+                return
+            if done.exception() is not None:
+                held.future.set_exception(done.exception())
+            else:
+                held.future.set_result(done.result())
+
+        job.future.add_done_callback(settle)

@@ -9,9 +9,11 @@ from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import GaugeMetricFamily
 
 from ..engine import STATES
-from .scheduler import ServerEngine
+from .scheduler import (INGEST_LAG_TARGET_S, MAX_ANSWER_DEFER_S, MemoryBudget, ServerEngine, default_budget_bytes,
+                        question_bytes, session_state_bytes)
 
 LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+LAG_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0)
 
 
 @dataclasses.dataclass
@@ -20,6 +22,7 @@ class Settings:
     model_base: str | None = None
     model_id: str | None = None  # the name /v1/models shows (default: the model folder's name)
     device: str | None = None
+    vision_device: str | None = None  # CLIP and the memories there, the LLM on `device` (runtime/devices.py)
     api_key: str | None = None
     media_root: str | None = None
     allow_remote_sources: bool = False
@@ -39,6 +42,11 @@ class Settings:
     # the fast path (CUDA graphs, static-cache decoder) is one state per StreamSession: every session would build,
     # capture and compile its own (30-50 s on a 7B), so the server runs the stock path unless asked
     fast: str = "off"  # "off" | "auto" | "on"
+    # accelerator bytes for sessions' memory state and answers' KV caches (None: the default, from free CUDA
+    # memory after loading; no bound on a CPU); a session or question beyond it gets 429
+    memory_budget_bytes: int | None = None
+    ingest_lag_target_s: float = INGEST_LAG_TARGET_S  # new answers wait while a frame has waited longer
+    max_answer_defer_s: float = MAX_ANSWER_DEFER_S  # ... but at most this long
 
     def __post_init__(self):
         if self.model_id is None:
@@ -65,21 +73,27 @@ class Metrics:
                                        buckets=LATENCY_BUCKETS, registry=r)
         self.requests_rejected = Counter("flash_vstream_requests_rejected", "requests answered with an error",
                                          ["status"], registry=r)
+        self.ingest_lag = Histogram("flash_vstream_ingest_lag_seconds", "a frame received -> in its session's memory",
+                                    buckets=LAG_BUCKETS, registry=r)
         r.register(_LiveCollector(state))
 
 
 class _LiveCollector:
-    """Gauges read at scrape time: sessions by state and accelerator memory."""
+    """Gauges read at scrape time: sessions by state, each session's lag and drops, the ingest backlog, the
+    memory budget, deferred questions and accelerator memory."""
 
     def __init__(self, state):
         self.state = state
 
     def collect(self):
+        engine = self.state.engine
         sessions = GaugeMetricFamily("flash_vstream_sessions", "open sessions by state", labels=["state"])
-        counts = self.state.engine.counts() if self.state.engine is not None else dict.fromkeys(STATES, 0)
+        counts = engine.counts() if engine is not None else dict.fromkeys(STATES, 0)
         for name in STATES:
             sessions.add_metric([name], counts[name])
         yield sessions
+        if engine is not None:
+            yield from self._scheduling(engine)
         gpu = GaugeMetricFamily("flash_vstream_gpu_memory_bytes", "accelerator memory allocated by torch "
                                 "(0 without CUDA)", labels=["kind"])
         allocated = reserved = 0
@@ -93,6 +107,41 @@ class _LiveCollector:
         gpu.add_metric(["allocated"], allocated)
         gpu.add_metric(["reserved"], reserved)
         yield gpu
+
+    @staticmethod
+    def _scheduling(engine):
+        lag = GaugeMetricFamily("flash_vstream_session_ingest_lag_seconds", "a session's frame received -> in "
+                                "memory, over its last frames", labels=["session", "quantile"])
+        dropped = GaugeMetricFamily("flash_vstream_session_dropped_frames", "frames a session dropped",
+                                    labels=["session"])
+        ingested = GaugeMetricFamily("flash_vstream_session_frames_ingested", "frames in a session's memory",
+                                     labels=["session"])
+        for stream in engine.streams():
+            summary = stream.ingest_lag.summary()
+            for quantile, key in (("0.5", "p50"), ("0.99", "p99"), ("1", "max")):
+                if summary[key] is not None:
+                    lag.add_metric([stream.id, quantile], summary[key])
+            dropped.add_metric([stream.id], stream.frames_dropped)
+            ingested.add_metric([stream.id], stream.frames_ingested)
+        yield from (lag, dropped, ingested)
+        yield GaugeMetricFamily("flash_vstream_ingest_backlog_seconds", "how long the oldest frame not yet in "
+                                "memory has waited", value=engine.ingest_backlog_s())
+        yield GaugeMetricFamily("flash_vstream_questions_deferred", "questions waiting for the ingest lane to "
+                                "catch up", value=engine.deferred_count())
+        budget = engine.budget.describe()
+        memory = GaugeMetricFamily("flash_vstream_memory_budget_bytes", "the accelerator memory budget: its total "
+                                   "(-1: unbounded), what sessions and questions hold, what one session takes",
+                                   labels=["kind"])
+        memory.add_metric(["total"], -1 if budget["total_bytes"] is None else budget["total_bytes"])
+        memory.add_metric(["sessions"], budget["sessions_bytes"])
+        memory.add_metric(["questions"], budget["questions_bytes"])
+        memory.add_metric(["per_session"], engine.session_bytes)
+        yield memory
+        refused = GaugeMetricFamily("flash_vstream_memory_budget_refused", "reservations the budget refused (429)",
+                                    labels=["kind"])
+        for kind in ("session", "question"):
+            refused.add_metric([kind], budget["refused"].get(kind, 0))
+        yield refused
 
 
 class ServerState:
@@ -117,7 +166,7 @@ class ServerState:
             s = self.settings
             device = s.device or ("cuda" if torch.cuda.is_available() else "cpu")
             self.tokenizer, self.model, self.image_processor, self.context_len = load_pretrained_model(
-                s.model_path, s.model_base, device=device)
+                s.model_path, s.model_base, device=device, vision_device=s.vision_device)
             self.attach(self.model, self.tokenizer, self.image_processor, self.context_len)
         except BaseException as error:  # noqa: BLE001 - reported by /health and the start-up line
             self.load_error = f"{type(error).__name__}: {error}"
@@ -136,9 +185,16 @@ class ServerState:
                                  max_new_tokens=s.max_tokens, video_fps=fps, context_len=context_len,
                                  fast={"off": False, "auto": None, "on": True}[s.fast])
 
+        config, dtype_bytes = model.config, model.get_model().mm_projector_dtype().itemsize
+        total = s.memory_budget_bytes if s.memory_budget_bytes is not None else default_budget_bytes(model.device)
         self.engine = ServerEngine(make_stream, max_sessions=s.max_sessions, inbox_size=s.inbox_size,
                                    max_pending_questions=s.max_pending_questions, idle_timeout_s=s.idle_timeout_s,
-                                   metrics=self.metrics).start()
+                                   metrics=self.metrics, budget=MemoryBudget(total),
+                                   session_bytes=session_state_bytes(config, dtype_bytes),
+                                   question_bytes=lambda memory_tokens, max_tokens: question_bytes(
+                                       config, dtype_bytes, memory_tokens, max_tokens),
+                                   ingest_lag_target_s=s.ingest_lag_target_s,
+                                   max_answer_defer_s=s.max_answer_defer_s).start()
         self.ready.set()
 
     def close(self):

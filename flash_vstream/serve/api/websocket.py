@@ -14,6 +14,7 @@ import asyncio
 import itertools
 import json
 import logging
+import time
 
 from fastapi import WebSocket, WebSocketDisconnect
 from fastapi.responses import JSONResponse
@@ -137,6 +138,7 @@ class _Connection:
                 self.error(e.code, e.message, event.get("response_id") if kind == "response.create" else None)
 
     async def _append(self, event):
+        arrived = time.perf_counter()  # the frame's ingest lag counts from here
         s = self.state.settings
         image = event.get("image")
         if not isinstance(image, str):
@@ -144,7 +146,7 @@ class _Connection:
         timestamp = inputs.number(event.get("timestamp"), "timestamp", 0)
         _, data = inputs.decode_data_url(image, s.max_frame_bytes, ("image/",))
         frame = await asyncio.to_thread(inputs.decode_image, data, s.max_frame_bytes)
-        self.engine.push_frame(self.session, frame, timestamp)
+        self.engine.push_frame(self.session, frame, timestamp, arrived=arrived)
 
     def _create_response(self, event):
         response_id = event.get("response_id")
