@@ -16,6 +16,7 @@ from ..model import VStreamConfig, VStreamLlamaForCausalLM
 from ..model.builder import NON_LORA_FILE, load_adapter_weights, model_type_of
 from .checkpointing import resolve_auto, staged_outputs
 from .dataset import DataCollatorForSupervisedDataset, LazySupervisedDataset
+from .optim_in_backward import check_optim_in_backward
 from .packing import DataCollatorForPackedDataset, check_packing
 from .vstream_trainer import VStreamTrainer, save_adapter
 
@@ -92,6 +93,10 @@ class TrainingArguments(transformers.TrainingArguments):
         "help": "keep the trained weights (and so their grads and Adam states) in fp32 under --bf16/--fp16 autocast: "
                 "mixed precision without DeepSpeed; frozen weights stay in the compute dtype"})
     compile_decoder_layers: bool = field(default=False, metadata={"help": "torch.compile each LLaMA decoder layer"})
+    optim_in_backward: bool = field(default=False, metadata={
+        "help": "AdamW applied to each weight inside the backward pass, its gradient dropped at once (no gradient "
+                "buffer); bf16 weights with fp32 masters in the optimizer state. One process, no DeepSpeed, "
+                "--max_grad_norm 0, no gradient accumulation (see train/optim_in_backward.py)"})
 
     def __post_init__(self):
         # transformers >= 5.20 folded --warmup_ratio into a fractional --warmup_steps.
@@ -248,6 +253,7 @@ def train(argv=None, callbacks=None):
     """Run one stage from command-line flags; `callbacks`: extra `TrainerCallback`s (benchmarks, logging)."""
     model_args, data_args, training_args = parse_args(argv)
     check_packing(data_args.packing, training_args.attn_implementation)
+    check_optim_in_backward(training_args)
     init_deepspeed_comm(training_args)
     # Seeded before the build: weights the checkpoint lacks (a stage-1 adapter, LoRA) start from --seed,
     # so a run and its rerun (or a killed run and the reference it must match) start alike.

@@ -12,6 +12,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from ..model.builder import ADAPTER_FILE, ADAPTER_PREFIXES
 from ..utils.files import atomic_path
 from .checkpointing import CheckpointWriteCallback, barrier, publish, rotate, seal, staging_root
+from .optim_in_backward import InBackwardAdamW
 
 
 def _gathered(params):
@@ -99,6 +100,26 @@ class VStreamTrainer(Trainer):
             # train. The Trainer would still run (and save) one step past max_steps; run no epoch instead.
             return num_train_epochs, 0
         return epochs_trained, steps_trained
+
+    def create_optimizer(self, model=None):
+        """`--optim_in_backward`: AdamW run inside the backward pass, with the Trainer's parameter groups (weight
+        decay except on biases and norms) and AdamW settings; otherwise the Trainer's own optimizer."""
+        if not self.args.optim_in_backward or self.optimizer is not None:
+            return super().create_optimizer(model)
+        model = self.model if model is None else model
+        decay = set(self.get_decay_parameter_names(model))
+        named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        groups = [{"params": [p for n, p in named if n in decay], "weight_decay": self.args.weight_decay},
+                  {"params": [p for n, p in named if n not in decay], "weight_decay": 0.0}]
+        self.optimizer = self._in_backward = InBackwardAdamW(
+            [g for g in groups if g["params"]], lr=self.args.learning_rate,
+            betas=(self.args.adam_beta1, self.args.adam_beta2), eps=self.args.adam_epsilon)
+        return self.optimizer
+
+    def _get_grad_norm(self, model, grad_norm=None):
+        if self.args.optim_in_backward:  # every gradient is gone: the optimizer summed their squares as it went
+            return self._in_backward.grad_norm()
+        return super()._get_grad_norm(model, grad_norm=grad_norm)
 
     def _get_output_dir(self, trial):
         # During a save the Trainer's `_save_checkpoint` writes `<this>/checkpoint-N`: the staging root.

@@ -274,6 +274,56 @@ def test_kill_before_the_final_outputs_then_auto_resume(workdir, tiny_clip_dir, 
     assert json.loads((out / "config.json").read_text())["model_type"] == "vstream"
 
 
+# --- stage 2 with the optimizer inside the backward pass (--optim_in_backward) ---------------------------------------
+def _stage2_flags(workdir, out, clip, *extra):
+    """Stage 2 (every LLM weight trains) without gradient clipping, so torch's AdamW can be the reference."""
+    flags = _flags(workdir, out, clip)
+    flags[flags.index("plain")] = "v1"
+    flags.remove("--tune_mm_mlp_adapter")
+    flags.remove("True")  # the value of --tune_mm_mlp_adapter, the first "True" in the list
+    return flags + ["--learning_rate", "2e-3", "--max_grad_norm", "0", *extra]
+
+
+def _full_weights(out):
+    from safetensors.torch import load_file
+
+    return load_file(str(out / "model.safetensors"))
+
+
+@pytest.fixture(scope="module")
+def in_backward_reference(workdir, tiny_clip_dir, runs):
+    out = workdir / "in-backward"
+    runs.run(_stage2_flags(workdir, out, tiny_clip_dir, "--optim_in_backward", "True"), workdir / "in-backward.log")
+    return out
+
+
+def test_optimizer_in_backward_trains_as_torch_adamw(workdir, tiny_clip_dir, in_backward_reference, runs, tmp_path):
+    """The same weights (torch.equal) and losses as the Trainer's fused torch AdamW (the same kernel, one parameter
+    at a time), with the warmup and cosine schedule applied to every parameter; no gradient survives a step."""
+    out = tmp_path / "fused-adamw"
+    runs.run(_stage2_flags(workdir, out, tiny_clip_dir, "--optim", "adamw_torch_fused"), tmp_path / "fused.log")
+    ours, expected = _full_weights(in_backward_reference), _full_weights(out)
+    assert ours.keys() == expected.keys() and any(k.startswith("model.layers.") for k in ours)
+    assert all(torch.equal(ours[k], expected[k]) for k in expected), "the weights differ"
+    losses = _losses(in_backward_reference)
+    assert [h["loss"] for h in losses] == [h["loss"] for h in _losses(out)]
+    rates = [h["learning_rate"] for h in losses]
+    assert rates == [h["learning_rate"] for h in _losses(out)] and rates[0] == 0 and len(set(rates)) >= MAX_STEPS - 1
+    norms = [h["grad_norm"] for h in losses]  # the norm the optimizer summed up, against the Trainer's own
+    torch.testing.assert_close(norms, [h["grad_norm"] for h in _losses(out)], rtol=1e-5, atol=0)
+
+
+def test_optimizer_in_backward_kill_then_auto_resume(workdir, tiny_clip_dir, in_backward_reference, runs, tmp_path):
+    out = tmp_path / "run"
+    flags = _stage2_flags(workdir, out, tiny_clip_dir, "--optim_in_backward", "True")
+    runs.run(flags, tmp_path / "killed.log", block_at=7, where="step")
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-3", "checkpoint-6"]
+    runs.run(flags, tmp_path / "resumed.log")
+    ours, expected = _full_weights(out), _full_weights(in_backward_reference)
+    assert all(torch.equal(ours[k], expected[k]) for k in expected), "the weights differ"
+    assert _losses(out) == _losses(in_backward_reference)
+
+
 def test_grouped_sampler_order_is_a_function_of_seed_and_epoch():
     """A resumed run rebuilds its sampler: its order must come from (seed, epoch) alone."""
     from flash_vstream.train.vstream_trainer import ModalityLengthGroupedSampler
