@@ -70,14 +70,19 @@ def _dtype_for(device, torch_dtype):
 
 
 def load_pretrained_model(model_path, model_base=None, model_name=None, load_8bit=False, load_4bit=False,
-                          device_map="auto", device="cuda", torch_dtype=None, attn_implementation=None):
+                          device_map="auto", device="cuda", torch_dtype=None, attn_implementation=None,
+                          vision_device=None):
     """Returns `(tokenizer, model, image_processor, context_len)`.
 
     `model_name` is accepted for compatibility with LLaVA-style callers and not used to choose
-    the architecture. `device="cpu"` loads in fp32 on the CPU.
+    the architecture. `device="cpu"` loads in fp32 on the CPU. `vision_device` (e.g. "cuda:1"): the
+    CLIP tower there instead of beside the LLM (the realtime CLI and server check it first:
+    runtime/devices.py `vision_placement`).
     """
     if load_8bit and load_4bit:
         raise ValueError("choose one of load_8bit / load_4bit")
+    if vision_device is not None and str(device) == "cuda" and device_map == "auto":
+        device = f"cuda:{torch.cuda.current_device()}"  # "auto" would spread the LLM over every visible GPU
     dtype = _dtype_for(device, torch_dtype)
     kwargs = {"dtype": dtype, "attn_implementation": attn_implementation or "sdpa"}
     if str(device).startswith("cpu"):
@@ -135,7 +140,8 @@ def load_pretrained_model(model_path, model_base=None, model_name=None, load_8bi
     if isinstance(model, VStreamLlamaForCausalLM):
         model.generation_config.pad_token_id = tokenizer.pad_token_id
         try:
-            image_processor = model.get_model().load_vision_tower(device=model.device, dtype=dtype).image_processor
+            image_processor = model.get_model().load_vision_tower(
+                device=model.device if vision_device is None else vision_device, dtype=dtype).image_processor
         except FileNotFoundError as error:
             # Features-only use (evaluation on pre-extracted .safetensors) still works.
             warnings.warn(f"vision tower not loaded ({error}); only pre-extracted features can be used")

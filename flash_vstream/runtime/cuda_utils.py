@@ -26,19 +26,26 @@ def capture_graph(fn, device, warmup=3, pool=None, before_each=None, stream=None
 
     `stream`: the side stream to warm up on. Pass one kept stream for all captures (`FastPath` owns one):
     cuBLAS keeps a 32 MiB workspace for every stream it has run on, for the life of the process, so a
-    new stream per capture (what None gives) costs that much each time."""
-    current = torch.cuda.current_stream(device)
-    side = torch.cuda.Stream(device) if stream is None else stream
-    side.wait_stream(current)
-    with torch.cuda.stream(side):
-        for _ in range(warmup):
-            if before_each is not None:
-                before_each()
-            fn()
-    current.wait_stream(side)
-    if before_each is not None:
-        before_each()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph, pool=pool):  # records; nothing runs
-        out = fn()
+    new stream per capture (what None gives) costs that much each time.
+
+    `device` need not be the current card (a vision tower on `--vision-device`): the capture runs with it current,
+    and records on `stream` when torch's own capture stream (one per process, made on the card of the first
+    capture) is on another card."""
+    with torch.cuda.device(device):
+        current = torch.cuda.current_stream(device)
+        side = torch.cuda.Stream(device) if stream is None else stream
+        side.wait_stream(current)
+        with torch.cuda.stream(side):
+            for _ in range(warmup):
+                if before_each is not None:
+                    before_each()
+                fn()
+        current.wait_stream(side)
+        if before_each is not None:
+            before_each()
+        graph = torch.cuda.CUDAGraph()
+        default = torch.cuda.graph.default_capture_stream
+        capture = side if default is not None and default.device != side.device else None
+        with torch.cuda.graph(graph, pool=pool, stream=capture):  # records; nothing runs
+            out = fn()
     return graph, out

@@ -64,7 +64,7 @@ class FastPath:
         self.fallbacks = Fallbacks(self.options.strict)
         self.weights_fused = False  # fuse_weights() ran
         self._decode_fused = None  # whether the decode step can read fused weights (None: not fused yet)
-        self._stream = None  # the side stream all captures warm up on, made at the first one
+        self._streams = {}  # device -> the side stream all captures there warm up on, made at the first one
         self._decoder = None
         self._vision = None
         self._vision_prepared = False
@@ -74,11 +74,13 @@ class FastPath:
     def enabled(self):
         return self.options.enabled
 
-    def warmup_stream(self):
-        """The one side stream this path's graph captures warm up on (CUDA only)."""
-        if self._stream is None:
-            self._stream = torch.cuda.Stream(self.device)
-        return self._stream
+    def warmup_stream(self, device=None):
+        """The one side stream this path's graph captures on `device` (default: the model's) warm up on (CUDA
+        only); a tower on another card (`--vision-device`) gets one of its own there."""
+        device = self.device if device is None else torch.device(device)
+        if device not in self._streams:
+            self._streams[device] = torch.cuda.Stream(device)
+        return self._streams[device]
 
     # --- weights ------------------------------------------------------------------------------------
     def fuse_weights(self):
@@ -154,7 +156,7 @@ class FastPath:
             tower = self.tower
             self._vision = FastVisionEncoder(
                 tower.vision_tower, tower.select_layer, tower.select_feature, strict=self.options.strict,
-                warmup_stream=self.warmup_stream() if self.options.cuda_graph else None)
+                warmup_stream=self.warmup_stream(tower.device) if self.options.cuda_graph else None)
         return self._vision
 
     def vision(self, prepare=True):

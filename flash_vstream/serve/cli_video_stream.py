@@ -267,6 +267,9 @@ def build_parser():
     p.add_argument("--load-8bit", action="store_true")
     p.add_argument("--load-4bit", action="store_true")
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
+    p.add_argument("--vision-device", default=None,
+                   help="encode frames and keep the memory on this device (e.g. cuda:1), answer on --device "
+                        "(e.g. cuda:0); default: beside the LLM")
     p.add_argument("--seed", type=int, default=0, help="memory k-means seed (and synthetic source seed)")
     p.add_argument("--fast", choices=("auto", "on", "off"), default="auto",
                    help="CLIP CUDA graph + static-cache greedy decoder with the memory prefix kept in the KV "
@@ -279,17 +282,23 @@ def build_parser():
     return p
 
 
-def _load_session(args):
+def _device(args):
     import torch
 
+    return args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _load_session(args):
     from ..mm_utils import get_model_name_from_path
     from ..model.builder import load_pretrained_model
+    from ..runtime.devices import vision_placement
 
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    print(f"loading {args.model_path} on {device} ...", file=sys.stderr, flush=True)
+    device, vision_device = vision_placement(_device(args), args.vision_device)
+    where = device if vision_device is None else f"{device}, vision on {vision_device}"
+    print(f"loading {args.model_path} on {where} ...", file=sys.stderr, flush=True)
     tokenizer, model, image_processor, context_len = load_pretrained_model(
         args.model_path, args.model_base, get_model_name_from_path(args.model_path), load_8bit=args.load_8bit,
-        load_4bit=args.load_4bit, device=device)
+        load_4bit=args.load_4bit, device=device, vision_device=vision_device)
     from ..runtime.options import FastPathOptions
 
     fast_path = FastPathOptions.from_cli(args.fast, args.compile_decode).resolve(model.device)  # resolved once
@@ -319,6 +328,10 @@ def main(argv=None, stdin=None, stdout=None):
             raise ValueError(f"--play_speed must be > 0 (inf for as fast as possible), got {args.play_speed}")
         if args.frame_queue_size < 1:
             raise ValueError("--frame-queue-size must be >= 1")
+        if args.vision_device is not None:
+            from ..runtime.devices import vision_placement
+
+            vision_placement(_device(args), args.vision_device)  # a bad device: a clear error before anything loads
         questions = load_questions(args.questions) if args.questions else None
         source = open_source(video_file=args.video_file, video_source=args.video_source, video_fps=args.video_fps,
                              start=args.start, end=args.end, max_frames=args.max_frames, backend=args.video_backend,
@@ -349,6 +362,7 @@ def main(argv=None, stdin=None, stdout=None):
         engine = Engine(session, source, play_speed=args.play_speed, schedule=schedule,
                         inbox_size=args.frame_queue_size, log=log, log_every=args.log_every)
         log.write("start", argv=list(sys.argv[1:] if argv is None else argv), device=device,
+                  placement=session.placement.describe(),
                   source=source.describe(), live=source.live, drop_oldest=engine.drop_oldest,
                   mode="scripted" if schedule is not None else "interactive")
         answerer = _Answerer(engine, stdout, output_file,

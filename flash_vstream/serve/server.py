@@ -85,9 +85,12 @@ def settings_from_args(args):
     if args.media_root is not None and not os.path.isdir(args.media_root):
         raise ValueError(f"--media-root {args.media_root}: not a folder")
     if args.vision_device is not None:
-        from ..runtime.devices import parse_device
+        import torch
 
-        parse_device(args.vision_device)  # a bad device string: a clear error before anything loads
+        from ..runtime.devices import vision_placement
+
+        # a bad device: a clear error before anything loads
+        vision_placement(args.device or ("cuda" if torch.cuda.is_available() else "cpu"), args.vision_device)
     return Settings(model_path=args.model_path, model_base=args.model_base, model_id=args.model_name,
                     device=args.device, vision_device=args.vision_device, api_key=args.api_key, media_root=args.media_root,
                     allow_remote_sources=args.allow_remote_sources, max_sessions=args.max_sessions,

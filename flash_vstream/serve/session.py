@@ -35,6 +35,7 @@ from transformers.generation.streamers import BaseStreamer
 from ..conversation import build_prompt, conv_templates
 from ..mm_utils import KeywordsStoppingCriteria, process_images, tokenizer_image_token
 from ..runtime.decoder import prefix_through_image
+from ..runtime.devices import Placement
 from ..runtime.fast_path import FastPath
 from ..runtime.options import FastPathOptions
 from ..model.memory import STARMemory, memory_num_tokens
@@ -181,7 +182,9 @@ class StreamSession:
         self.conversation = conversation
         self.video_fps = float(video_fps or model.config.video_fps)
         self.context_len = int(context_len or getattr(model.config, "tokenizer_model_max_length", None) or 2048)
-        self.memory = STARMemory(model.config, attention_model=model.get_model().attention_model, seed=seed)
+        # frames are encoded and remembered on the tower's device, answered on the LLM's (runtime/devices.py)
+        self.placement = Placement.of(model)
+        self.memory = STARMemory(model.config, attention_model=self.placement.memory_attention(model), seed=seed)
         self._dtype = model.get_model().mm_projector_dtype()
         self._history = []  # [(question, answer)] of the continuing conversation
         self._snapshot = None
@@ -261,16 +264,15 @@ class StreamSession:
         timestamps = [float(t) for t in timestamps]
         if len(timestamps) != n:
             raise ValueError(f"{n} frames but {len(timestamps)} timestamps")
-        features = features.to(device=self.model.device, dtype=self._dtype)
+        features = features.to(device=self.placement.vision, dtype=self._dtype)  # the memory's device
         for i in range(n):
             self.memory.update(features[i:i + 1], timestamps[i:i + 1])  # (1, 256, D): one frame per update
         return self._publish(timestamps[-1]) if n else self.snapshot()
 
     def _publish(self, stream_time):
-        tokens = self.memory.read()  # (N, D) a fresh tensor: later updates never touch it
-        if tokens.is_cuda:
-            # the reader may run on another thread; make sure the values exist before handing them over
-            torch.cuda.current_stream(tokens.device).synchronize()
+        # (N, D) a fresh tensor (later updates never touch it), on the LLM's device; the reader may run on another
+        # thread: the values exist before it is handed over
+        tokens = self.placement.hand_over(self.memory.read())
         snapshot = MemorySnapshot(tokens=tokens, frames_seen=self.memory.frames_seen, stream_time=stream_time,
                                   timestamps=self.memory.timestamps(), temporal_weights=self.memory.temporal_weights(),
                                   temporal_spans=self.memory.temporal_spans())

@@ -173,7 +173,7 @@ def test_two_fast_paths_share_nothing(tower):
     assert a.vision() is a.vision() and a.vision() is not b.vision()
     a.fallbacks.record("question graph", "a reason")
     assert b.describe()["fallbacks"] == {} and a.describe()["fallbacks"] == {"question graph": "a reason"}
-    assert a.fallbacks is not b.fallbacks and a._stream is None and b._stream is None  # no graphs: no stream
+    assert a.fallbacks is not b.fallbacks and a._streams == {} and b._streams == {}  # no graphs: no stream
     for module in (cuda_utils, decoder, fast_path, fused_decode, fusing, options, triton_kernels, vision):
         mutable = [name for name, value in vars(module).items()
                    if not name.startswith("__") and isinstance(value, (dict, list, set, torch.cuda.Stream))]

@@ -164,9 +164,12 @@ class ServerState:
             import torch
 
             s = self.settings
+            from ...runtime.devices import vision_placement
+
             device = s.device or ("cuda" if torch.cuda.is_available() else "cpu")
+            device, vision_device = vision_placement(device, s.vision_device)  # the CLIP tower's card, if apart
             self.tokenizer, self.model, self.image_processor, self.context_len = load_pretrained_model(
-                s.model_path, s.model_base, device=device, vision_device=s.vision_device)
+                s.model_path, s.model_base, device=device, vision_device=vision_device)
             self.attach(self.model, self.tokenizer, self.image_processor, self.context_len)
         except BaseException as error:  # noqa: BLE001 - reported by /health and the start-up line
             self.load_error = f"{type(error).__name__}: {error}"
