@@ -11,11 +11,12 @@ CLIP ViT-L/14-shaped CLIPVisionModel with random weights (same FLOPs as the real
 bf16/fp16 with SDPA attention, at several batch sizes, eager / channels-last / torch.compile,
 plus the latency of one frame. `--tiny` swaps in the tiny test tower and a couple of
 iterations so it runs anywhere in seconds.
-(d) Optional end to end: `extract_paths` over K copies of the video (`--e2e-copies K`).
-(e) `--e2e`: in one run over the same K copies (default 64): decode-only sampled frames/s in decoder
-processes on all cores (the CPU limit), the thread path end to end (`--pipeline threads`, eager, as
-before), the encoder's frames/s on the process path's (compiled on CUDA) encoder, and the process path
-end to end (`--pipeline processes`) with its GPU busy fraction.
+(d) `--e2e`: in one run over the same files (`--e2e-set`, copies per height: the video itself and
+re-encodings of it at other heights, with its keyframe interval): decode rate of one process per height,
+decoding's weak scaling over 1..N processes (the CPU time per frame and the workers' wall/CPU ratio say
+whether the cores are shared), decode-only sampled frames/s with all cores (the CPU limit), the encoder's
+frames/s (compiled on CUDA), the process path end to end with its GPU busy fraction and where it waited,
+and last the thread path end to end (`--pipeline threads`, eager, the earlier path).
 """
 
 import argparse
@@ -28,6 +29,7 @@ import time
 import torch
 
 from benchmarks.common import DTYPES, VIT_L14, environment, log, random_clip_tower, repeat_ms
+from flash_vstream.extraction.decode import usable_cores
 from flash_vstream.mm_utils import process_images
 from flash_vstream.utils.files import write_json
 from flash_vstream.video_io import iter_frames
@@ -128,92 +130,202 @@ def bench_encoder(tower, batch_sizes, variants, iters, warmup):
     return rows, {"batch": 1, "ms": round(latency * 1000, 3)}, flops_frame
 
 
-def bench_e2e(video, copies, tower, fps, batch, workers, workdir):
-    from flash_vstream.extract_features import extract_paths
+def cpu_environment(path):
+    """What bounds the decoders: the cores this process may use, the container's CPU quota, the cores
+    that are hyperthread siblings, the CPU model, and the free space where outputs go."""
+    import shutil
 
-    src = os.path.join(workdir, "videos")
-    os.makedirs(src, exist_ok=True)
-    for i in range(copies):
-        link = os.path.join(src, f"copy{i}.mp4")
-        if not os.path.exists(link):
-            os.symlink(os.path.abspath(video), link)
-    paths = sorted(os.listdir(src))
-    t0 = time.perf_counter()
-    report = extract_paths(paths, src, os.path.join(workdir, "features"), tower, fps=fps, batch_size=batch,
-                           num_workers=workers, overwrite=True, progress=False,
-                           dtype="bf16" if tower.dtype == torch.bfloat16 else "fp16")
-    dt = time.perf_counter() - t0
-    return {"files": copies, "fps": fps, "workers": workers, "frames": report["frames"], "seconds": round(dt, 3),
-            "frames_per_s": round(report["frames"] / dt, 1), "failed": len(report["failed"])}
+    def read(name):
+        try:
+            with open(name) as f:
+                return f.read().strip()
+        except OSError:
+            return None
+
+    model = next((line.split(":", 1)[1].strip() for line in (read("/proc/cpuinfo") or "").splitlines()
+                  if line.startswith("model name")), None)
+    return {"cpu_count": os.cpu_count(), "usable_cores": usable_cores(), "cpu_model": model,
+            "cgroup_cpu_max": read("/sys/fs/cgroup/cpu.max"),
+            "cpu0_thread_siblings": read("/sys/devices/system/cpu/cpu0/topology/thread_siblings_list"),
+            "output_free_gb": round(shutil.disk_usage(path).free / 1e9, 1)}
 
 
-def bench_e2e_compare(video, copies, tower, fps, batch, old_workers, workdir, compile, save):
-    """(e): decode-only, old (threads) and new (processes) end to end over the same files; `save(results)`
-    after each part so a run cut short keeps what it measured."""
+def make_variant(source, path, height):
+    """`source` re-encoded at `height` (width to the aspect, even), H.264 with its keyframe interval kept:
+    the ffmpeg CLI when there is one, else PyAV (same settings)."""
+    import shutil
+    import subprocess
+
+    import av
+
+    with av.open(source) as c:
+        stream = c.streams.video[0]
+        rate, gop = stream.average_rate, None
+        keys = [float(p.pts * stream.time_base) for p in c.demux(stream) if p.is_keyframe and p.pts is not None]
+    if len(keys) > 1:
+        gop = max(1, round((keys[1] - keys[0]) * float(rate)))
+    gop = gop or round(2 * float(rate))
+    if shutil.which("ffmpeg"):
+        subprocess.run(["ffmpeg", "-v", "error", "-y", "-i", source, "-an", "-vf", f"scale=-2:{height}",
+                        "-c:v", "libx264", "-preset", "veryfast", "-g", str(gop), "-keyint_min", str(gop),
+                        "-sc_threshold", "0", "-pix_fmt", "yuv420p", path], check=True)
+        return {"height": height, "gop": gop, "encoder": "ffmpeg"}
+    with av.open(source) as src, av.open(path, "w") as dst:
+        s_in = src.streams.video[0]
+        width = 2 * round(s_in.width * height / s_in.height / 2)
+        out = dst.add_stream("libx264", rate=rate, options={"g": str(gop), "keyint_min": str(gop),
+                                                            "sc_threshold": "0", "preset": "veryfast"})
+        out.width, out.height, out.pix_fmt = width, height, "yuv420p"
+        for frame in src.decode(s_in):
+            for packet in out.encode(frame.reformat(width=width, height=height, format="yuv420p")):
+                dst.mux(packet)
+        for packet in out.encode():
+            dst.mux(packet)
+    return {"height": height, "gop": gop, "encoder": "pyav"}
+
+
+def e2e_inputs(video, spec, folder):
+    """A folder of links for `spec` ("360:192,720:12": copies per height; the source's own height uses the
+    file itself, other heights a re-encoded variant). Returns (relative paths, {height: variant info})."""
+    import av
+
+    os.makedirs(folder, exist_ok=True)
+    with av.open(video) as c:
+        own = c.streams.video[0].height
+    paths, variants = [], {}
+    for part in spec.split(","):
+        height, copies = (int(x) for x in part.split(":"))
+        source = os.path.abspath(video)
+        if height != own:
+            source = os.path.join(os.path.dirname(folder), f"variant_{height}p.mp4")
+            t0 = time.perf_counter()
+            variants[height] = make_variant(video, source, height)
+            variants[height]["seconds"] = round(time.perf_counter() - t0, 1)
+        variants.setdefault(height, {"height": height, "encoder": None})["copies"] = copies
+        for i in range(copies):
+            name = f"{height}p_{i:04d}.mp4"
+            os.symlink(source, os.path.join(folder, name))
+            paths.append(name)
+    return paths, variants
+
+
+def bench_e2e_compare(video, spec, tower, fps, batch, old_workers, workdir, compile, save, scaling_files=3):
+    """(e) in one run over the same files (`spec`): how decoding scales with processes, decode-only with all
+    cores, the encoder alone, the new path end to end, then the old path end to end. `save(results)` after
+    each part, so a run cut short keeps what it measured."""
+    import shutil
+
     from flash_vstream.extract_features import FrameEncoder, _plan, extract_paths
-    from flash_vstream.extraction.decode import decode_only
+    from flash_vstream.extraction.decode import DecoderPool, decode_only
     from flash_vstream.extraction.pipeline import run_pipeline
 
     src = os.path.join(workdir, "videos_compare")
-    os.makedirs(src, exist_ok=True)
-    for i in range(copies):
-        os.symlink(os.path.abspath(video), os.path.join(src, f"copy{i}.mp4"))
-    paths = sorted(os.listdir(src))
+    paths, variants = e2e_inputs(video, spec, src)
     dtype = "bf16" if tower.dtype == torch.bfloat16 else "fp16" if tower.dtype == torch.float16 else "fp32"
-    out = {"files": copies, "fps": fps, "batch": batch, "cpus": os.cpu_count()}
+    cores = usable_cores()
+    out = {"spec": spec, "files": len(paths), "fps": fps, "batch": batch, "cpu": cpu_environment(workdir),
+           "variants": variants}
+    log(f"e2e inputs: {len(paths)} files ({spec}); {out['cpu']}")
 
-    def plan(name):
+    def plan(names, name):
         report = {"done": [], "skipped": [], "failed": []}
-        jobs = _plan(paths, src, os.path.join(workdir, name), tower.hidden_size, tower.num_patches, fps, True, report)
-        return jobs
+        return _plan(names, src, os.path.join(workdir, name), tower.hidden_size, tower.num_patches, fps, True,
+                     report)
 
-    out["decode_only"] = decode_only(plan("unused"), fps)
-    log(f"decode only ({out['decode_only']['workers']} processes): {out['decode_only']['frames_per_s']} frames/s")
-    save(out)
+    def by_height(height, n):
+        names = [p for p in paths if p.startswith(f"{height}p_")]
+        return (names * (n // max(1, len(names)) + 1))[:n]
+
+    # the pool the new path uses, forked before the encoder compiles (no compile threads in the children)
+    pool = DecoderPool(cores, fps=fps, threads=1)
+    out["pool_start_s"] = round(pool.start_s, 3)
+    try:
+        # one process per resolution (one FFmpeg thread; and FFmpeg's own threads at the first height)
+        out["per_process"] = []
+        for height in variants:
+            jobs = plan(by_height(height, 2), "unused")
+            for threads in ((1, 0) if height == next(iter(variants)) else (1,)):
+                r = decode_only(jobs, fps, num_workers=1, threads=threads)
+                r.update(height=height, cpu_ms_per_frame=round(1e3 * r["cpu_s"] / max(1, r["frames"]), 2))
+                out["per_process"].append(r)
+                log(f"one process, {height}p, {threads or 'auto'} FFmpeg threads: {r['frames_per_s']} frames/s, "
+                    f"{r['cpu_ms_per_frame']} ms CPU per frame")
+        save(out)
+        # weak scaling: n processes, `scaling_files` files each of the first height, started apart from the timing
+        first = next(iter(variants))
+        out["scaling"] = []
+        for n in sorted({1, 2, 4, 8, cores} & set(range(1, cores + 1))):
+            with DecoderPool(n, fps=fps, threads=1) as p:
+                r = decode_only(plan(by_height(first, n * scaling_files), "unused"), fps, pool=p)
+                walls = [s["wall_s"] for s in p.stats()]
+            r.update(cpu_ms_per_frame=round(1e3 * r["cpu_s"] / max(1, r["frames"]), 2),
+                     worker_wall_over_cpu=round(sum(walls) / max(1e-9, r["cpu_s"]), 2))
+            out["scaling"].append(r)
+            log(f"{n:3d} processes: {r['frames_per_s']} frames/s, start {r['start_s']} s, "
+                f"{r['cpu_ms_per_frame']} ms CPU per frame, wall/CPU {r['worker_wall_over_cpu']}")
+        save(out)
+        # the earlier measurement's shape: 64 files of the first height, the pool's start counted
+        cold = decode_only(plan(by_height(first, 64), "unused"), fps, num_workers=cores)
+        cold["frames_per_s_with_start"] = round(cold["frames"] / (cold["seconds"] + cold["start_s"]), 1)
+        out["decode_only_short"] = cold
+        jobs = plan(paths, "unused")
+        out["decode_only"] = decode_only(jobs, fps, pool=pool)
+        log(f"decode only, {cores} processes, all files: {out['decode_only']['frames_per_s']} frames/s "
+            f"(64 short files with the start counted: {cold['frames_per_s_with_start']})")
+        save(out)
+
+        x = torch.randn(batch, 3, tower.config.image_size, tower.config.image_size, device=tower.device,
+                        dtype=tower.dtype)
+        try:
+            t0 = time.perf_counter()
+            encoder = FrameEncoder(tower, dtype=dtype, compile=compile)
+            with torch.inference_mode():
+                encoder.features(x)  # compiles before anything is timed
+            out["compile_s"] = round(time.perf_counter() - t0, 1)
+        except Exception as e:  # measured eager instead, and said so
+            out["compile_error"] = f"{type(e).__name__}: {e}"
+            log(f"compiled encoder failed ({out['compile_error']}); eager")
+            compile = False
+            encoder = FrameEncoder(tower, dtype=dtype, compile=False)
+        with torch.inference_mode():
+            ms = statistics.median(repeat_ms(tower.device, lambda i: encoder.features(x), 10, 2))
+        out["encoder"] = {"compile": compile, "batch": batch, "frames_per_s": round(batch / ms * 1e3, 1)}
+        log(f"encoder (compile={compile}): {out['encoder']['frames_per_s']} frames/s")
+        save(out)
+
+        metadata = {"extractor_version": "benchmark", "vision_tower": "random", "select_layer": tower.select_layer,
+                    "image_aspect_ratio": "pad", "dtype": dtype, "backend": "pyav"}
+        # a short run first: the pipeline's first batches and the copy paths warm
+        run_pipeline(plan(paths[::max(1, len(paths) // 16)], "new_warmup"), encoder, metadata, fps, batch,
+                     {"done": [], "skipped": [], "failed": []}, False, pool)
+        shutil.rmtree(os.path.join(workdir, "new_warmup"), ignore_errors=True)
+        report = {"done": [], "skipped": [], "failed": []}
+        jobs = plan(paths, "new")
+        t0 = time.perf_counter()
+        done, frames, stats = run_pipeline(jobs, encoder, metadata, fps, batch, report, False, pool)
+        dt = time.perf_counter() - t0
+        shutil.rmtree(os.path.join(workdir, "new"), ignore_errors=True)
+        out["new"] = {"pipeline": "processes", "workers": stats["decode_workers"], "frames": frames,
+                      "seconds": round(dt, 3), "frames_per_s": round(frames / dt, 1),
+                      "frames_per_s_with_pool_start": round(frames / (dt + pool.start_s), 1),
+                      "failed": len(report["failed"]), "compile": compile, **stats}
+        limit = min(out["decode_only"]["frames_per_s"], out["encoder"]["frames_per_s"])
+        out["new_over_limit"] = round(out["new"]["frames_per_s"] / limit, 3)
+        log(f"new path (processes): {out['new']['frames_per_s']} frames/s, GPU busy {stats['gpu_busy_fraction']}, "
+            f"{out['new_over_limit']:.0%} of min(decode, encoder); {stats}")
+        save(out)
+    finally:
+        pool.close()
+
     t0 = time.perf_counter()
     report = extract_paths(paths, src, os.path.join(workdir, "old"), tower, fps=fps, batch_size=batch,
                            num_workers=old_workers, overwrite=True, progress=False, dtype=dtype, pipeline="threads")
     dt = time.perf_counter() - t0
+    shutil.rmtree(os.path.join(workdir, "old"), ignore_errors=True)
     out["old"] = {"pipeline": "threads", "workers": old_workers, "frames": report["frames"], "seconds": round(dt, 3),
                   "frames_per_s": round(report["frames"] / dt, 1), "failed": len(report["failed"])}
-    log(f"old path (threads): {out['old']['frames_per_s']} frames/s")
-    save(out)
-
-    x = torch.randn(batch, 3, tower.config.image_size, tower.config.image_size, device=tower.device,
-                    dtype=tower.dtype)
-    try:
-        encoder = FrameEncoder(tower, dtype=dtype, compile=compile)
-        with torch.inference_mode():
-            encoder.features(x)  # compiles (regional, dynamic shapes) before anything is timed
-    except Exception as e:  # measured eager instead, and said so
-        out["compile_error"] = f"{type(e).__name__}: {e}"
-        log(f"compiled encoder failed ({out['compile_error']}); eager")
-        compile = False
-        encoder = FrameEncoder(tower, dtype=dtype, compile=False)
-    with torch.inference_mode():
-        ms = statistics.median(repeat_ms(tower.device, lambda i: encoder.features(x), 10, 2))
-    out["encoder"] = {"compile": compile, "batch": batch, "frames_per_s": round(batch / ms * 1e3, 1)}
-    log(f"encoder (compile={compile}): {out['encoder']['frames_per_s']} frames/s")
-    save(out)
-    metadata = {"extractor_version": "benchmark", "vision_tower": "random", "select_layer": tower.select_layer,
-                "image_aspect_ratio": "pad", "dtype": dtype, "backend": "pyav"}
-    workers = os.cpu_count() or 1
-    warm = plan("new_warmup")  # a short run first: the pipeline's first batches and the page cache warm
-    run_pipeline(warm[: max(1, len(warm) // 8)], encoder, metadata, fps, "pyav", batch, None, workers, 1,
-                 {"done": [], "skipped": [], "failed": []}, False)
-    report = {"done": [], "skipped": [], "failed": []}
-    jobs = plan("new")
-    t0 = time.perf_counter()
-    done, frames, stats = run_pipeline(jobs, encoder, metadata, fps, "pyav", batch, None, workers, 1, report, False)
-    dt = time.perf_counter() - t0
-    out["new"] = {"pipeline": "processes", "workers": stats["decode_workers"], "frames": frames,
-                  "seconds": round(dt, 3), "frames_per_s": round(frames / dt, 1), "failed": len(report["failed"]),
-                  "gpu_busy_fraction": stats["gpu_busy_fraction"], "compile": compile}
-    limit = min(out["decode_only"]["frames_per_s"], out["encoder"]["frames_per_s"])
-    out["new_over_limit"] = round(out["new"]["frames_per_s"] / limit, 3)
     out["new_over_old"] = round(out["new"]["frames_per_s"] / out["old"]["frames_per_s"], 2)
-    log(f"new path (processes): {out['new']['frames_per_s']} frames/s, GPU busy {stats['gpu_busy_fraction']}, "
-        f"{out['new_over_limit']:.0%} of min(decode, encoder), {out['new_over_old']}x the old path")
+    log(f"old path (threads): {out['old']['frames_per_s']} frames/s; the new path is {out['new_over_old']}x")
     save(out)
     return out
 
@@ -230,12 +342,15 @@ def main(argv=None):
                    help="comma list of eager, channels_last, compile, compile+channels_last")
     p.add_argument("--iters", type=int, default=20)
     p.add_argument("--end", type=float, default=None, help="decode only this many seconds of the video")
-    p.add_argument("--e2e-copies", type=int, default=0, help="also run extract_paths over this many copies")
+    p.add_argument("--e2e", action="store_true",
+                   help="(d): decode scaling, decode-only, the encoder, the new and the old path over the same files")
+    p.add_argument("--e2e-set", default="360:192,720:12,1080:6",
+                   help="(d)'s files: copies per height ('360:192,720:12'); other heights than the video's own "
+                        "are re-encoded from it")
     p.add_argument("--e2e-fps", type=float, default=1.0)
     p.add_argument("--e2e-workers", type=int, default=8, help="decoder threads of the old path")
-    p.add_argument("--e2e", action="store_true",
-                   help="(e): decode-only, old and new path end to end over the same files (--e2e-copies, default 64)")
-    p.add_argument("--no-compile", action="store_true", help="(e): the new path's encoder eager")
+    p.add_argument("--only-e2e", action="store_true", help="skip (a)-(c)")
+    p.add_argument("--no-compile", action="store_true", help="(d): the new path's encoder eager")
     args = p.parse_args(argv)
 
     iters, warmup, repeats = (2, 1, 1) if args.tiny else (args.iters, 3, 3)
@@ -246,16 +361,18 @@ def main(argv=None):
     results = {"host": {**environment(device), "cpus": os.cpu_count()},
                "video": os.path.abspath(args.video), "tiny": args.tiny, "dtype": str(dtype)}
 
-    print(f"decode {args.video}")
-    results["decode"] = bench_decode(args.video, args.end, repeats)
-    for r in results["decode"]:
-        print(f"  {r['backend']:>6} {r['mode']:>6}: {r['frames']:5d} frames, {r['frames_per_s']:8.1f} frames/s "
-              f"({r['source_frames_per_s']:.1f} source frames/s)")
+    if not args.only_e2e:
+        print(f"decode {args.video}")
+        results["decode"] = bench_decode(args.video, args.end, repeats)
+        for r in results["decode"]:
+            print(f"  {r['backend']:>6} {r['mode']:>6}: {r['frames']:5d} frames, {r['frames_per_s']:8.1f} frames/s "
+                  f"({r['source_frames_per_s']:.1f} source frames/s)")
 
     with tempfile.TemporaryDirectory() as workdir:
         if device.type == "cuda" or args.tiny:
             tower = build_tower(args.tiny, dtype, device)
             results["attn_implementation"] = tower.vision_tower.config._attn_implementation
+        if (device.type == "cuda" or args.tiny) and not args.only_e2e:
             results["preprocess"] = bench_preprocess(args.video, tower.image_processor, 32 if args.tiny else 128,
                                                      repeats)
             print(f"preprocess (CPU, {results['preprocess']['processor']}): "
@@ -267,19 +384,15 @@ def main(argv=None):
             rows, latency, flops = bench_encoder(tower, batch_sizes, variants, iters, warmup)
             results.update(encoder=rows, latency_1_frame=latency, gflops_per_frame=round(flops / 1e9, 2))
             print(f"  1-frame latency: {latency['ms']:.2f} ms")
-            if args.e2e_copies:
-                results["e2e"] = bench_e2e(args.video, args.e2e_copies, tower, args.e2e_fps,
-                                           64, args.e2e_workers, workdir)
-                print(f"end to end: {results['e2e']}")
-            if args.e2e:
-                def save(part):
-                    results["e2e_compare"] = part
-                    os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
-                    write_json(args.output, results, indent=1)
+        if args.e2e and (device.type == "cuda" or args.tiny):
+            def save(part):
+                results["e2e_compare"] = part
+                os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
+                write_json(args.output, results, indent=1)
 
-                bench_e2e_compare(args.video, args.e2e_copies or (4 if args.tiny else 64), tower, args.e2e_fps,
-                                  8 if args.tiny else 64, args.e2e_workers, workdir,
-                                  device.type == "cuda" and not args.no_compile, save)
+            bench_e2e_compare(args.video, args.e2e_set, tower, args.e2e_fps, 8 if args.tiny else 64,
+                              args.e2e_workers, workdir, device.type == "cuda" and not args.no_compile, save,
+                              scaling_files=1 if args.tiny else 3)
 
     os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
     write_json(args.output, results, indent=1)

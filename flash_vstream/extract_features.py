@@ -27,6 +27,7 @@ import time
 
 import torch
 
+from .extraction.decode import usable_cores
 from .features import feature_file_for, save_features, valid_feature_file
 from .mm_utils import process_images
 from .utils.files import temp_files_for, write_json
@@ -207,6 +208,7 @@ def _tower_shape(vision_tower):
 
 # ----------------------------------------------------------------------------- pipeline
 
+
 _Job = collections.namedtuple("_Job", "index source output kind")
 
 
@@ -369,28 +371,39 @@ def extract_paths(paths, input_root, output_dir, vision_tower, fps=1.0, dtype="f
     report = {"done": [], "skipped": [], "failed": list(failed or [])}
     hidden_size, num_patches = _tower_shape(vision_tower)
     jobs = _plan(paths, input_root, output_dir, hidden_size, num_patches, fps, overwrite, report)
+    cores = usable_cores()
     if num_workers is None:
-        num_workers = (os.cpu_count() or 1) if pipeline == "processes" else 4
+        num_workers = cores if pipeline == "processes" else 4
     num_workers = max(1, min(num_workers, len(jobs)))
-    if decode_threads is None:
-        decode_threads = max(1, (os.cpu_count() or 1) // num_workers)
+    if decode_threads is None:  # FFmpeg threads per decoder: the cores shared out, one each when all are busy
+        decode_threads = max(1, cores // num_workers)
     tower_name = getattr(vision_tower, "vision_tower_name", vision_tower)
     done, frames, stats = [], 0, {}
     if jobs:
-        encoder = FrameEncoder(vision_tower, device=device, dtype=dtype, image_aspect_ratio=image_aspect_ratio,
-                               compile=compile)
-        device = str(encoder.tower.device)
-        metadata = {"extractor_version": EXTRACTOR_VERSION, "vision_tower": tower_name,
-                    "select_layer": encoder.tower.select_layer, "image_aspect_ratio": image_aspect_ratio,
-                    "dtype": dtype, "backend": backend}
+        pool = None
         if pipeline == "processes":
-            from .extraction.pipeline import run_pipeline
+            from .extraction.decode import DecoderPool
 
-            done, frames, stats = run_pipeline(jobs, encoder, metadata, fps, backend, batch_size, end, num_workers,
-                                               decode_threads, report, progress)
-        else:
-            done, frames = _run(jobs, encoder, metadata, fps, backend, batch_size, end, num_workers,
-                                decode_threads, report, progress)
+            # forked before the encoder is built and before any thread starts; kept for the whole run
+            pool = DecoderPool(num_workers, fps=fps, backend=backend, end=end, threads=decode_threads)
+        try:
+            encoder = FrameEncoder(vision_tower, device=device, dtype=dtype, image_aspect_ratio=image_aspect_ratio,
+                                   compile=compile)
+            device = str(encoder.tower.device)
+            metadata = {"extractor_version": EXTRACTOR_VERSION, "vision_tower": tower_name,
+                        "select_layer": encoder.tower.select_layer, "image_aspect_ratio": image_aspect_ratio,
+                        "dtype": dtype, "backend": backend}
+            if pool is not None:
+                from .extraction.pipeline import run_pipeline
+
+                done, frames, stats = run_pipeline(jobs, encoder, metadata, fps, batch_size, report, progress, pool)
+                stats["decode_start_s"] = round(pool.start_s, 3)
+            else:
+                done, frames = _run(jobs, encoder, metadata, fps, backend, batch_size, end, num_workers,
+                                    decode_threads, report, progress)
+        finally:
+            if pool is not None:
+                pool.close()
     report["done"] = [job.source for job in sorted(done, key=lambda j: j.index)]
     elapsed = time.time() - started
     report.update(frames=frames, seconds=round(elapsed, 3), frames_per_second=round(frames / elapsed, 2), **stats,

@@ -1,44 +1,45 @@
-"""The extraction pipeline: decoder processes -> bounded queue -> device preprocessing -> encoder -> writer.
+"""The extraction pipeline: decoder processes -> shared slots -> device preprocessing -> encoder -> writer.
 
-    run_pipeline(jobs, encoder, metadata, ...) -> (finished jobs, frames encoded, stats)
+    run_pipeline(jobs, encoder, metadata, fps, batch_size, report, progress, pool)
+        -> (finished jobs, frames encoded, stats)
 
-Decoding runs in `num_workers` spawned processes (`decode.DecodeStream` in a DataLoader: a bounded
-prefetch of `prefetch` messages per worker, frames through shared memory and, on CUDA, pinned memory).
-This thread copies each message's uint8 frames to the device (non-blocking), preprocesses them there
-(`preprocess.DevicePreprocessor`), gathers full encoder batches across files (short clips still make
-full batches; on CUDA the last batch is padded so a compiled encoder sees one shape) and launches the
-encoder; the features come back into pinned memory without a wait here. A writer thread waits for each
-batch's copy, splits it per file and saves a file once its last frames are in. Nothing here blocks on the
-GPU, so decoding, host-to-device copies, encoding and writing overlap.
+Decoding runs in the processes of a `decode.DecoderPool`, started before this (and before CUDA work) and
+kept warm between runs. Its shared slots bound the frames in flight and, on CUDA, are page-locked: this
+thread copies each message's uint8 frames straight from the slot to the device (non-blocking), hands the
+slot back once the copy is done, preprocesses there (`preprocess.DevicePreprocessor`), gathers full encoder
+batches across files (short clips still make full batches; on CUDA the last batch is padded so a compiled
+encoder sees one shape) and launches the encoder; the features come back into pinned memory without a
+wait here. A writer thread waits for each batch's copy, splits it per file and saves a file once its last
+frames are in. Nothing here blocks on the GPU, so decoding, copies, encoding and writing overlap.
 
 Failures stay per file as in the thread pipeline: a decode error fails its file; an encoder error fails
 the files of that batch; a save error fails that file. Every queue wait has a timeout.
 """
 
 import collections
+import concurrent.futures
 import queue
 import threading
 import time
 
 import torch
-from torch.utils.data import DataLoader
 
 from ..features import save_features
-from .decode import DecodeStream
 from .preprocess import DevicePreprocessor
 
 WRITER_QUEUE = 8  # encoded batches in flight to the writer: bounds pinned memory, throttles the encoder
 WAIT_S = 1.0
-LOADER_TIMEOUT_S = 600.0  # no message from any decoder for this long is an error
-DEFAULT_START = "fork" if "fork" in torch.multiprocessing.get_all_start_methods() else "spawn"
+SAVE_THREADS = 4  # files saved at once
 
 
 class _Writer(threading.Thread):
-    """Collects encoded rows per file and saves each file when told its last rows are in.
+    """Collects encoded rows per file; when told a file's last rows are in, saves it on one of
+    SAVE_THREADS saver threads (each save is serialised, written and fsynced: one thread would cap the
+    rate at the disk's fsync latency).
 
     Messages, in order: ("rows", event, features (n, 256, D) on the host, [(job, first row, count, times)]),
-    ("close", job), ("failed", job, error), ("stop",). The only writer of `report["failed"]` and `done`
-    while the pipeline runs.
+    ("close", job), ("failed", job, error), ("stop",). `report["failed"]`, `done` and `failed_jobs` are
+    written here and by the savers (list appends and set adds: atomic), read after `join`.
     """
 
     def __init__(self, metadata, fps, report, bar):
@@ -49,6 +50,10 @@ class _Writer(threading.Thread):
         self.started = time.time()
         self._partial = {}  # job index -> ([feature chunks], [timestamps])
         self.failed_jobs = set()
+        self.save_s = 0.0  # seconds spent saving, summed over the savers
+        self._savers = concurrent.futures.ThreadPoolExecutor(SAVE_THREADS, thread_name_prefix="extract-save")
+        self._in_flight = threading.BoundedSemaphore(2 * SAVE_THREADS)  # files held in memory awaiting a saver
+        self._lock = threading.Lock()
 
     def put(self, message):
         while True:
@@ -67,11 +72,13 @@ class _Writer(threading.Thread):
                 except queue.Empty:
                     continue
                 if message[0] == "stop":
-                    return
+                    break
                 getattr(self, "_on_" + message[0])(*message[1:])
         except BaseException as e:  # surfaced by put / finish
             self.error = f"{type(e).__name__}: {e}"
             raise
+        finally:
+            self._savers.shutdown(wait=True)  # every save submitted has ended
 
     def _on_rows(self, event, features, pieces):
         if event is not None:
@@ -88,6 +95,12 @@ class _Writer(threading.Thread):
     def _on_close(self, job):
         chunks, times = self._partial.pop(job.index, ([], []))
         self.bar.update(1)
+        while not self._in_flight.acquire(timeout=WAIT_S):
+            pass  # savers busy: waiting here throttles the encoder through the inbox
+        self._savers.submit(self._save, job, chunks, times)
+
+    def _save(self, job, chunks, times):
+        started = time.perf_counter()
         try:
             feature = torch.cat(chunks)  # (T, 256, D)
             if job.kind == "image":
@@ -99,6 +112,10 @@ class _Writer(threading.Thread):
         except Exception as e:
             self.failed_jobs.add(job.index)
             self.report["failed"].append({"file": job.source, "error": f"saving: {type(e).__name__}: {e}"})
+        finally:
+            with self._lock:
+                self.save_s += time.perf_counter() - started
+            self._in_flight.release()
 
     def _on_failed(self, job, error):
         if job.index in self.failed_jobs:
@@ -150,31 +167,22 @@ class _BusyClock:
         return round(self.busy_ms / span, 4) if span > 0 else None
 
 
-def run_pipeline(jobs, encoder, metadata, fps, backend, batch_size, end, num_workers, decode_threads, report,
-                 progress, prefetch=4, start_method=DEFAULT_START):
-    """Extract `jobs` (extract_features._Job) with `encoder` (extract_features.FrameEncoder).
+def run_pipeline(jobs, encoder, metadata, fps, batch_size, report, progress, pool):
+    """Extract `jobs` (extract_features._Job) with `encoder` (extract_features.FrameEncoder), decoding in
+    `pool` (a started decode.DecoderPool).
 
-    Returns (finished jobs, frames encoded, {"gpu_busy_fraction", "decode_workers"}); failures go to
-    `report["failed"]`.
+    Returns (finished jobs, frames encoded, stats); failures go to `report["failed"]`. stats:
+    gpu_busy_fraction (None off CUDA), decode_workers, pinned (slots page-locked), input_wait_s (this thread
+    waiting for decoded frames: decoding is the limit when it is most of the run), slot_wait_s (decoders
+    waiting for a free slot, summed over them: the consumer is the limit when it is large), save_s (saving,
+    summed over the savers) and parent_cpu_s (CPU seconds of this process: what it takes from the decoders).
     """
     from tqdm import tqdm
 
     device = encoder.tower.device
     on_cuda = device.type == "cuda"
+    pinned = pool.pin() if on_cuda else False
     preprocess = DevicePreprocessor(encoder.image_processor, encoder.image_aspect_ratio, dtype=encoder.tower.dtype)
-    # forked workers start at once with this process's imports (spawned ones re-import torch, transformers
-    # and the main module: seconds each). They never touch CUDA, as DataLoader workers of a training loop;
-    # they are started here, before this module's writer thread exists.
-    context = torch.multiprocessing.get_context(start_method)
-    job_queue = context.Queue()
-    for job in jobs:
-        job_queue.put(job.index)
-    for _ in range(num_workers):
-        job_queue.put(None)  # one end marker per worker
-    loader = DataLoader(DecodeStream(jobs, job_queue, fps, backend, end, decode_threads), batch_size=None,
-                        num_workers=num_workers, multiprocessing_context=context, pin_memory=on_cuda,
-                        prefetch_factor=prefetch, in_order=False, timeout=LOADER_TIMEOUT_S)
-    messages = iter(loader)  # starts the decoder processes
     bar = tqdm(total=len(jobs), unit="file", desc="extract", disable=not progress, dynamic_ncols=True)
     writer = _Writer(metadata, fps, report, bar)
     writer.start()
@@ -182,7 +190,15 @@ def run_pipeline(jobs, encoder, metadata, fps, backend, batch_size, end, num_wor
     by_index = {job.index: job for job in jobs}
     pending = collections.deque()  # [job, pixels (b, 3, S, S) on the device, times], not yet encoded
     pending_rows = {}  # job index -> rows in `pending` (files with rows only)
+    releases = collections.deque()  # (CUDA event after a slot's copy, slot): handed back once the copy is done
     closing, failed = [], set()
+    slot_wait0 = sum(r["slot_wait_s"] for r in pool.worker_stats)
+
+    def release_done(wait=False):
+        while releases and (wait or releases[0][0].query()):
+            event, slot = releases.popleft()
+            event.synchronize()
+            pool.release(slot)
 
     def fail(job, error):
         failed.add(job.index)
@@ -235,32 +251,56 @@ def run_pipeline(jobs, encoder, metadata, fps, backend, batch_size, end, num_wor
             clock.stop(start)
         writer.put(("rows", event, host, [p for p in pieces if p[0].index not in failed]))
 
+    def to_pixels(job, message):
+        """The message's frames, preprocessed on the device; its slot handed back (now, or when copied)."""
+        start = clock.start()
+        try:
+            frames = message["frames"]  # (b, H, W, 3) uint8, a view of the decoder's slot
+            if on_cuda:
+                frames = frames.to(device, non_blocking=True)
+                event = torch.cuda.Event()
+                event.record()
+                releases.append((event, message["slot"]))
+            pixels = preprocess(frames)  # (b, 3, S, S): new memory, the slot is not read after this
+            return pixels
+        except Exception as e:
+            fail(job, f"{job.source}: preprocessing: {type(e).__name__}: {e}")
+            return None
+        finally:
+            if not on_cuda:
+                pool.release(message["slot"])
+            clock.stop(start)
+
+    input_wait, cpu0 = 0.0, time.process_time()
     try:
         with torch.inference_mode():
-            for message in messages:
+            messages = pool.run(jobs, idle=lambda: release_done(wait=True))
+            while True:
+                waited = time.perf_counter()
+                message = next(messages, None)
+                input_wait += time.perf_counter() - waited
+                if message is None:
+                    break
                 job = by_index[message["job"]]
                 if job.index in failed:
-                    continue
-                if message["tag"] == "error":
+                    if message["tag"] == "frames":
+                        pool.release(message["slot"])
+                elif message["tag"] == "error":
                     fail(job, message["error"])
                 elif message["tag"] == "done":
                     closing.append(job)
                 else:
-                    start = clock.start()
-                    try:
-                        pixels = preprocess(message["frames"].to(device, non_blocking=True))  # (b, 3, S, S)
-                    except Exception as e:
-                        fail(job, f"{job.source}: preprocessing: {type(e).__name__}: {e}")
-                        continue
-                    finally:
-                        clock.stop(start)
-                    pending.append([job, pixels, message["times"]])
-                    pending_rows[job.index] = pending_rows.get(job.index, 0) + len(message["times"])
-                    while sum(len(e[2]) for e in pending) >= batch_size:
-                        encode(batch_size)
+                    pixels = to_pixels(job, message)
+                    if pixels is not None:
+                        pending.append([job, pixels, message["times"]])
+                        pending_rows[job.index] = pending_rows.get(job.index, 0) + len(message["times"])
+                        while sum(len(e[2]) for e in pending) >= batch_size:
+                            encode(batch_size)
+                release_done()
                 send_closings()
             if pending:
                 encode(sum(len(e[2]) for e in pending))
+            release_done(wait=True)
             send_closings()
             if closing:
                 raise RuntimeError(f"files left unsaved: {[j.source for j in closing]}")
@@ -268,11 +308,15 @@ def run_pipeline(jobs, encoder, metadata, fps, backend, batch_size, end, num_wor
         writer.join()
         if writer.error:
             raise RuntimeError(f"the writer thread failed: {writer.error}")
-        stats = {"gpu_busy_fraction": clock.fraction(), "decode_workers": num_workers}
+        stats = {"gpu_busy_fraction": clock.fraction(), "decode_workers": pool.num_workers, "pinned": pinned,
+                 "input_wait_s": round(input_wait, 3), "save_s": round(writer.save_s, 3),
+                 "parent_cpu_s": round(time.process_time() - cpu0, 3),  # this process, all its threads
+                 "slot_wait_s": round(sum(r["slot_wait_s"] for r in pool.worker_stats) - slot_wait0, 3)}
     finally:
+        release_done(wait=True)
         bar.close()
     accounted = {j.index for j in writer.done} | failed | writer.failed_jobs
     missing = [j.source for j in jobs if j.index not in accounted]
-    for source in missing:  # a decoder process that died mid-file (the loader raises first, normally)
-        report["failed"].append({"file": source, "error": "decoder ended without finishing the file"})
+    for source in missing:  # should not happen: every job ends done or failed
+        report["failed"].append({"file": source, "error": "decoding ended without finishing the file"})
     return writer.done, writer.frames, stats
