@@ -44,6 +44,8 @@ def parse_args(argv=None):
     p.add_argument("--preset", choices=sorted(PRESETS), default="7b", help="model shapes and iteration counts")
     p.add_argument("--model-path", default=None, help="a real checkpoint instead of random weights")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--vision-device", default=None,
+                   help="e.g. cuda:1: the vision_split section, CLIP + memory there vs beside the LLM on --device")
     p.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="default: bf16 on CUDA, fp32 on CPU")
     p.add_argument("--positions", type=_ints, default=None,
                    help="stream positions in frames (1 fps), e.g. 60,600,3600,10800")

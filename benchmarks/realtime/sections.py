@@ -11,6 +11,8 @@
                    p50/p99 stock vs optimised, the memory update alone, question -> first token and -> full
                    answer from the snapshot there (optimised: over the prompt prefix the session keeps in the
                    KV cache; also without it, and the prefix refresh a frame costs), and peak GPU memory.
+  vision_split     (--vision-device cuda:1) ingest and answers at once, CLIP + memory beside the LLM vs on
+                   their own card (split.py).
   baseline_upstream_buffer  (b) the published design's per-update copy of an unbounded frame buffer.
   baseline_full_context     (a) every frame's 64 tokens in the prompt: prefill time until out of memory.
   extraction       batched CLIP frames/s at batch 64/128/256: stock vs fast encoder eager vs
@@ -29,13 +31,14 @@ import torch._dynamo
 from benchmarks.common import log, peak_gb, repeat_ms, reset_peak, timed_ms
 from benchmarks.realtime.baselines import full_context, upstream_buffer_copy
 from benchmarks.realtime.build import new_decoder
+from benchmarks.realtime.split import section_vision_split
 from flash_vstream.runtime.cuda_utils import free_memory, sync
 from flash_vstream.runtime.triton_kernels import usable
 from flash_vstream.utils.stats import summary as _summary
 
 # run in this order: the targets first, the slow optional compile last (bench.json is saved after each)
-SECTIONS = ("clip_one_frame", "decode", "streaming", "baseline_upstream_buffer", "baseline_full_context",
-            "extraction")
+SECTIONS = ("clip_one_frame", "decode", "streaming", "vision_split", "baseline_upstream_buffer",
+            "baseline_full_context", "extraction")
 COMPILE_MIN_TIME_S = 150  # don't start the CLIP compile with less budget left than this
 EXTRACTION_RESERVE_S = 180  # the full-context baseline leaves this much of the budget to extraction
 
@@ -418,6 +421,7 @@ SECTION_FUNCTIONS = {
     "clip_one_frame": section_clip_one_frame,
     "decode": section_decode,
     "streaming": section_streaming,
+    "vision_split": section_vision_split,  # --vision-device: split.py
     "extraction": section_extraction,
     "baseline_upstream_buffer": section_upstream_buffer,
     "baseline_full_context": section_full_context,

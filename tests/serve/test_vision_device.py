@@ -122,3 +122,24 @@ def test_split_session_answers_as_one_device(tiny_model_dir, example_mp4, fast):
     for one, split in zip(records["one"], records["split"]):
         for key in ("answer", "frames_seen", "memory_tokens", "stream_time"):
             assert split[key] == one[key], key
+
+
+@pytest.mark.slow  # ~20 s on a loaded CPU (two layouts, seven answers each); the default run imports the section
+def test_realtime_benchmark_vision_split_section_runs(tmp_path):
+    """`python -m benchmarks.realtime --vision-device D`: both layouts measured, busy and quiet (CPU smoke: the
+    numbers mean nothing here; on two GPUs this is the split's measurement)."""
+    from benchmarks.realtime.__main__ import main
+    from benchmarks.realtime.sections import SECTIONS
+
+    skip = ",".join(s for s in SECTIONS if s != "vision_split")
+    assert main(["--output-dir", str(tmp_path), "--preset", "tiny", "--device", "cpu", "--vision-device", "cpu",
+                 "--skip", skip, "--window", "2"]) == 0
+    section = json.loads((tmp_path / "bench.json").read_text())["sections"]["vision_split"]
+    assert section["status"] == "ok" and section["vision_device"] == "cpu"
+    for name in ("one_device", "split"):
+        layout = section["layouts"][name]
+        assert layout["memory_tokens"] == 681 and layout["frames_seen"] >= 20
+        assert layout["busy"]["answers"] == 2 and layout["busy"]["frames"] >= 1
+        assert layout["quiet"]["ingest_ms"]["n"] == 2 and layout["busy"]["ttft_ms"]["p99"] > 0
+    assert set(section["split_over_one_device"]) == {"busy_ingest_p99", "busy_ttft_p50", "busy_ttft_p99",
+                                                     "busy_frames_per_answer"}
