@@ -7,9 +7,9 @@ source, idle sessions reaped, client connections counted, and the two scheduling
 
 Memory budget (admission control). The accelerator holds the weights, every session's STAR memory state
 and, while a question is answered, its KV cache. `MemoryBudget` counts bytes against one total: a
-session reserves its state at full size (`session_state_bytes`: the frame buffer, temporal centroids,
-abstract slots, spatial and retrieved frames, one published snapshot) when it is created and gives it
-back when it is deleted; a question reserves its KV cache and projected memory (`question_bytes`) from
+session reserves its state (`session_state_bytes`: its row of the memory stack -- frame buffer, keys,
+temporal centroids, abstract slots, spatial frames -- and one published snapshot) when it is created and
+gives it back when it is deleted; a question reserves its KV cache and projected memory (`question_bytes`) from
 the moment it is accepted until its answer ends. A session or question that would pass the total is
 refused with 429 `memory_budget_exceeded` -- the request fails, never the GPU. The default total on
 CUDA is the free memory once the model is loaded, less a headroom for activations (CLIP batches,
@@ -40,22 +40,24 @@ MAX_ANSWER_DEFER_S = 1.0
 
 
 def session_state_bytes(config, dtype_bytes):
-    """Bytes one session's STAR memory holds at its largest (a stream longer than the buffer), plus one
-    published snapshot of its tokens. `dtype_bytes`: the element size the frames are stored in (the
-    projector's dtype); cluster points, keys and abstract slots are fp32, times fp64 (model/memory.py)."""
+    """Bytes one session's STAR memory holds -- its row of a memory stack (model/memory.py `MemoryStack`:
+    every size fixed, whatever the stream's length) -- plus one published snapshot of its tokens.
+    `dtype_bytes`: the element size frames are stored in (the projector's dtype); cluster points, keys and
+    abstract slots are fp32, times fp64, retrieved frames buffer indices."""
     d = config.mm_hidden_size
-    spa, tem, abs_ = config.spatial_pool**2, config.temporal_pool**2, config.abstract_pool**2
-    frames = (config.buffer_frames + config.spatial_frames + config.retrieved_frames) * spa * d * dtype_bytes
+    spa, tem, abs_ = config.spatial_pool**2, config.temporal_pool**2 * d, config.abstract_pool**2
+    n_buff, k, head = config.buffer_frames, config.temporal_frames + 1, 0
     if config.memory_mode == "upstream":  # retrieval reads the stream's first frames, kept apart
-        frames += config.temporal_frames * spa * d * dtype_bytes
-    keys = config.buffer_frames * (tem * d * 4 + 8)  # the buffer's flattened 4x4 grids (fp32) and times
-    times = (config.spatial_frames + config.retrieved_frames) * 8
-    temporal = (config.temporal_frames + 1) * (tem * d * 4 + 4 + 3 * 8)  # centroids, weight, 3 times
+        head = config.temporal_frames
+    frames = (n_buff + config.spatial_frames + head) * (spa * d * dtype_bytes + 8)  # grids and their times
+    keys = n_buff * (tem * 4 + 4)  # the buffer's flattened 4x4 grids (fp32) and their squared norms
+    temporal = k * (tem * 4 + 4 + 3 * 8)  # centroids (+ a spare row), weights, 3 times
     abstract = config.abstract_frames * abs_ * d * 4
+    retrieved = config.retrieved_frames * 8
     from ...model.memory import memory_num_tokens
 
     snapshot = memory_num_tokens(10**6, config) * d * dtype_bytes
-    return frames + keys + times + temporal + abstract + snapshot
+    return frames + keys + temporal + abstract + retrieved + snapshot
 
 
 def kv_bytes_per_token(config, dtype_bytes):
