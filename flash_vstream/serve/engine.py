@@ -12,10 +12,13 @@ state and counters. The roles around the sessions:
                  every running session, round robin, and ingests them (CLIP encode + memory update +
                  publish). It is the one place that feeds frames to the model: where the sessions'
                  frames can later become one CLIP batch (`_ingest` gets the whole tick).
-  answer lane    where a question runs `StreamSession.ask` on the snapshot it was asked on:
-                 `answer_lane=True` runs one thread that takes one queued question (`ask`) from the
-                 next session that has one, round robin (the server); without it `answer` runs the
-                 question on the caller's thread (the CLI's main thread, or a thread per session).
+  answer lane    where a question is answered from the snapshot it was asked on: `answer_lane=True`
+                 runs one thread that takes the queued questions (`ask`) of the sessions round robin
+                 and answers up to `max_batch` of them at once by continuous batching
+                 (runtime/batch_decoder.py: questions of different sessions share prefill and decode
+                 steps, join at the next step and leave when done; a question alone keeps the
+                 session's fast path) -- the server; without it `answer` runs `StreamSession.ask` on
+                 the caller's thread (the CLI's main thread, or a thread per session).
 
 Why threads and not processes (the published CLI used three processes): torch releases the GIL
 inside every kernel and PyAV while decoding, so the roles overlap on CPU and GPU; threads share the
@@ -276,13 +279,21 @@ class Engine:
     for every session. The ingest lane ends when every session it holds has ended (the CLI's lifetime)
     unless `keep_running` (a server that keeps adding sessions). `max_pending_questions` bounds each
     session's queued questions; `metrics` (the server's Prometheus counters) is fed beside `stats`.
+    `max_batch` bounds the answers the answer lane thread runs at once (batched; 1: one at a time) and
+    `batch_prefill_tokens` the prompt tokens joining its batch in one step.
     """
 
     def __init__(self, session=None, source=None, *, schedule=None, play_speed=1.0, inbox_size=8, drop_oldest=None,
                  on_error="stop", answer_lane=False, keep_running=False, max_pending_questions=None, log=None,
-                 log_every=100, metrics=None):
+                 log_every=100, metrics=None, max_batch=16, batch_prefill_tokens=8192):
         if on_error not in ON_ERROR:
             raise ValueError(f"on_error must be one of {ON_ERROR}, got {on_error!r}")
+        if isinstance(max_batch, bool) or not isinstance(max_batch, int) or max_batch < 1:
+            raise ValueError(f"max_batch must be an integer >= 1, got {max_batch!r}")
+        # the answer lane thread: up to max_batch answers at once, batched (1: one at a time); the prompt
+        # tokens that may join the batch in one step
+        self.max_batch, self.batch_prefill_tokens = max_batch, int(batch_prefill_tokens)
+        self._batch = None  # the answer lane's BatchDecoder, built at its first batched question
         self.play_speed = play_speed  # defaults for add_session (checked there)
         self.inbox_size = inbox_size
         self.default_drop_oldest = drop_oldest  # None: drop when the source is live
@@ -751,6 +762,9 @@ class Engine:
         return record
 
     def _answer_loop(self):
+        if self.max_batch > 1:
+            self._batched_answer_loop()
+            return
         while not self.stopped:
             stream, job = self._next_question()
             if stream is None:
@@ -760,19 +774,26 @@ class Engine:
             finally:
                 self._done(stream)
 
-    def _next_question(self):
-        """The next (stream, job) in round-robin order over the sessions, or (None, None) after POLL_S."""
+    def _next_question(self, skip=(), wait=True):
+        """The next (stream, job) in round-robin order over the sessions, passing over those in `skip`, or
+        (None, None): after POLL_S when `wait`, else at once."""
         with self._lock:
             streams = list(self._streams.values())
             for k in range(len(streams)):
                 index = (self._answer_turn + k) % len(streams)
                 stream = streams[index]
-                if stream.questions:
+                if stream.questions and stream not in skip:
                     self._answer_turn = index + 1
                     stream.busy += 1
                     return stream, stream.questions.popleft()
-            self._lock.wait(POLL_S)
+            if wait:
+                self._lock.wait(POLL_S)
         return None, None
+
+    def _questions_waiting(self, skip=()):
+        """Whether a session outside `skip` has a question queued."""
+        with self._lock:
+            return any(stream.questions and stream not in skip for stream in self._streams.values())
 
     def _run_question(self, job, stream):
         """Answer one question; its result (or error) goes to `job.future`."""
@@ -787,21 +808,137 @@ class Engine:
                 session.temperature = job.temperature
             answer = session.ask(job.question, snapshot=job.snapshot, on_text=job.on_text,
                                  should_stop=lambda: job.cancelled.is_set() or self.stopped)
-            result = AnswerResult(answer, job.started - job.arrived, job.cancelled.is_set())
-            if self.error is None:
-                if answer.ttft_s is not None:
-                    self.stats["time_to_first_token"].add(answer.ttft_s)
-                self.stats["answer_time"].add(answer.answer_s)
-                self.stats["question_latency"].add(result.latency_s)
-            if self.metrics is not None:
-                self.metrics.questions.inc()
-                self.metrics.latency.observe(result.latency_s)
-                if result.ttft_s is not None:
-                    self.metrics.ttft.observe(result.ttft_s)
-            job.future.set_result(result)
+            self._complete(job, answer)
         except BaseException as error:  # noqa: BLE001 - handed to the asker
             if not job.future.done():
                 job.future.set_exception(error)
+
+    def _complete(self, job, answer):
+        """`job` answered (fully, or cut short by its cancel or a stop): stats, metrics, its future."""
+        result = AnswerResult(answer, job.started - job.arrived, job.cancelled.is_set())
+        if self.error is None:
+            if answer.ttft_s is not None:
+                self.stats["time_to_first_token"].add(answer.ttft_s)
+            self.stats["answer_time"].add(answer.answer_s)
+            self.stats["question_latency"].add(result.latency_s)
+        if self.metrics is not None:
+            self.metrics.questions.inc()
+            self.metrics.latency.observe(result.latency_s)
+            if result.ttft_s is not None:
+                self.metrics.ttft.observe(result.ttft_s)
+        job.future.set_result(result)
+
+    # --- the answer lane with continuous batching -------------------------------------------------
+    def _batched_answer_loop(self):
+        """Questions of different sessions share prefill and decode steps of one `BatchDecoder`: every
+        question that can start joins at the next step, one per session at a time (a session's next
+        question reads the conversation its last answer left); a finished answer leaves and frees its
+        slot. A question alone keeps the session's fast path (cached memory prefix, CUDA graphs); when
+        another question arrives meanwhile, it moves into the batch with the tokens it has (checked every
+        `check_every` tokens) and both go on there."""
+        running = {}  # BatchRequest -> (stream, job, AnswerRun)
+        try:
+            while not self.stopped:
+                decoder = self._batch
+                busy = decoder is not None and not decoder.idle
+                took = False
+                while not self.stopped:
+                    stream, job = self._next_question(skip={s for s, _, _ in running.values()},
+                                                      wait=not (busy or took))
+                    if stream is None:
+                        break
+                    took = True
+                    self._start_question(stream, job, running)
+                    busy = self._batch is not None and not self._batch.idle
+                if self._batch is not None and not self._batch.idle:
+                    self._batch_step(running)
+        finally:
+            # stopping: the answers still running end with what they have (as a lone one does)
+            for request in list(running):
+                self._batch.cancel(request)
+                self._end_batched(request, running)
+
+    def _batch_decoder(self, session):
+        """The lane's `BatchDecoder` (built at the first batched question, on its session's model and sizes),
+        or None when `session` cannot share it (another model, or not a `StreamSession`)."""
+        if not hasattr(session, "batch_request"):
+            return None
+        if self._batch is None:
+            from ..runtime.batch_decoder import BatchDecoder
+
+            fast_path = getattr(session, "fast_path", None)
+            cuda_graph = bool(fast_path is not None and fast_path.enabled and fast_path.options.cuda_graph)
+            self._batch = BatchDecoder(session.model, max_slots=self.max_batch, max_len=session.answer_len(),
+                                       max_prefill_tokens=self.batch_prefill_tokens, cuda_graph=cuda_graph,
+                                       strict=bool(fast_path is not None and fast_path.options.strict),
+                                       on_fallback=None if fast_path is None else fast_path.fallbacks.record)
+        return self._batch if self._batch.model is session.model else None
+
+    def _start_question(self, stream, job, running):
+        """Start `job`: alone on the session's fast path when nothing else runs or waits (moving into the
+        batch when another question comes), else into the batch; a session that cannot share the batch
+        answers on this thread. A question that fails to start fails alone."""
+        job.started = time.perf_counter()
+        session = stream.session
+        try:
+            if job.cancelled.is_set():
+                raise SessionError(499, "cancelled", "the client went away")
+            decoder = self._batch_decoder(session)
+            if decoder is None:
+                self._run_question(job, stream)
+                self._done(stream)
+                return
+            run = session.begin(job.question, job.snapshot, job.on_text, job.max_tokens, job.temperature)
+
+            def stop():
+                return job.cancelled.is_set() or self.stopped
+
+            alone = decoder.idle and not self._questions_waiting(skip=(stream,))
+            movable = decoder.fits(len(run.ids) - 1 + run.snapshot.num_tokens, run.max_new_tokens)
+            if alone and session.run_fast(run, lambda: stop() or movable and self._questions_waiting(skip=(stream,))):
+                if run.done or stop() or not movable:
+                    self._complete(job, session.finish(run))
+                    self._done(stream)
+                    return
+            elif not movable:  # too long for a slot: answered alone, as without batching
+                self._run_question(job, stream)
+                self._done(stream)
+                return
+            request = session.batch_request(run, decoder, should_stop=stop)
+            decoder.add(request)
+            running[request] = (stream, job, run)
+        except BaseException as error:  # noqa: BLE001 - handed to the asker; the other answers go on
+            if not job.future.done():
+                job.future.set_exception(error)
+            self._done(stream)
+
+    def _batch_step(self, running):
+        try:
+            finished = self._batch.step()
+        except BaseException as error:  # noqa: BLE001 - a broken batch fails its answers, not the lane
+            for request, (stream, job, _) in list(running.items()):
+                running.pop(request)
+                if not job.future.done():
+                    job.future.set_exception(error)
+                self._done(stream)
+            self._batch = None  # the next batched question builds a fresh one
+            self.log.write("error", role="answer lane", error=f"{type(error).__name__}: {error}",
+                           traceback=traceback.format_exc())
+            return
+        for request in finished:
+            self._end_batched(request, running)
+
+    def _end_batched(self, request, running):
+        stream, job, run = running.pop(request)
+        try:
+            if request.finish_reason == "error":
+                raise request.error
+            self._complete(job, stream.session.finish(run))
+        except BaseException as error:  # noqa: BLE001 - handed to the asker
+            if not job.future.done():
+                job.future.set_exception(error)
+        finally:
+            self._done(stream)
 
     # --- summary --------------------------------------------------------------------------------
     def counts(self):

@@ -147,6 +147,31 @@ class _StopWhen(StoppingCriteria):
         return torch.full((input_ids.shape[0],), bool(self.should_stop()), dtype=torch.bool, device=input_ids.device)
 
 
+@dataclasses.dataclass(eq=False)
+class AnswerRun:
+    """One answer in progress, between `StreamSession.begin` and `StreamSession.finish`: the prompt, the
+    snapshot it is answered from, its settings, the streamer its text goes out through and the tokens so
+    far. It may start on the fast path and go on in the engine's batch (`batch_request`)."""
+
+    question: str
+    snapshot: MemorySnapshot
+    ids: torch.Tensor  # (L,) prompt ids on the CPU, one <image>
+    max_new_tokens: int
+    temperature: float
+    on_text: object  # on_text(piece) or None
+    start: float  # perf_counter at begin()
+    tokens: list = dataclasses.field(default_factory=list)  # new ids so far (an EOS included)
+    done: bool = False  # the fast path reached EOS or max_new_tokens (False: not run there, or stopped early)
+    _streamer: object = None
+
+    def streamer(self, tokenizer, skip_prompt):
+        """The run's one `_TextStreamer`, made at the first call (`skip_prompt`: for `generate`, which
+        pushes the prompt first); later calls return it, so text goes on where it left off."""
+        if self._streamer is None:
+            self._streamer = _TextStreamer(tokenizer, self.on_text, skip_prompt=skip_prompt)
+        return self._streamer
+
+
 class StreamSession:
     """One video stream: frames in, memory snapshots out, questions answered from snapshots.
 
@@ -309,11 +334,12 @@ class StreamSession:
         # the tokenizer's EOS already ends generation when the stop string is EOS (vicuna_v1: "</s>")
         return None if not stop.strip() or stop == self.tokenizer.eos_token else stop
 
-    def _prompt_ids(self, question, num_tokens):
+    def _prompt_ids(self, question, num_tokens, max_new_tokens=None):
         history = list(self._history) if self.conversation == "continue" else []
+        max_new_tokens = self.max_new_tokens if max_new_tokens is None else max_new_tokens
         while True:
             ids = tokenizer_image_token(self.prompt(question, history), self.tokenizer, return_tensors="pt")
-            if not history or len(ids) - 1 + num_tokens + self.max_new_tokens <= self.context_len:
+            if not history or len(ids) - 1 + num_tokens + max_new_tokens <= self.context_len:
                 return ids
             history = history[1:]  # the oldest exchange no longer fits
 
@@ -325,76 +351,139 @@ class StreamSession:
                 tokenizer_image_token(self.prompt(""), self.tokenizer, return_tensors="pt"))
         return self._prefix_ids
 
-    def _uses_decoder(self):
-        return self.temperature == 0 and self._stop_text is None
+    def _uses_decoder(self, temperature=None):
+        """Whether greedy answers at `temperature` (default: the session's) come from the fast path's decoder."""
+        return (self.temperature if temperature is None else temperature) == 0 and self._stop_text is None
+
+    def answer_len(self):
+        """Cache positions an answer of this session takes at most: the memory of a long stream, room for the
+        prompt text and `max_new_tokens`, within the context (the fast decoder's and a batch slot's size)."""
+        return min(self.context_len, self._memory_bound + PROMPT_ROOM + self.max_new_tokens)
 
     def _get_decoder(self):
         if self._decoder is None:
-            size = min(self.context_len, self._memory_bound + PROMPT_ROOM + self.max_new_tokens)
+            size = self.answer_len()
             # fusing (when the path's decode step reads fused weights) is announced and logged by the path
             self._decoder = self.fast_path.fuse_weights().decoder(size)
         return self._decoder
 
-    @torch.inference_mode()
-    def ask(self, question, snapshot=None, on_text=None, should_stop=None):
-        """Answer `question` from `snapshot` (default: the latest). `on_text(piece)` receives the answer
-        as it is generated; `should_stop()` may end generation early. Greedy when temperature is 0."""
+    def begin(self, question, snapshot=None, on_text=None, max_new_tokens=None, temperature=None):
+        """Start an answer to `question` from `snapshot` (default: the latest) -> its `AnswerRun` (the prompt
+        built, nothing generated yet). `max_new_tokens` / `temperature`: this question's (default: the
+        session's). `ask` runs one to the end; the engine's answer lane may run it in a batch instead."""
         start = time.perf_counter()
         snapshot = self.snapshot() if snapshot is None else snapshot
         if snapshot is None:
             raise RuntimeError("no frames in memory yet: nothing to answer from")
-        ids = self._prompt_ids(question, snapshot.num_tokens)  # (L,) on the CPU
-        if self.fast and self._uses_decoder():
-            with self._decoder_lock:
-                decoder = self._get_decoder()
-                if len(ids) - 1 + snapshot.num_tokens + self.max_new_tokens < decoder.max_cache_len:
-                    streamer = _TextStreamer(self.tokenizer, on_text, skip_prompt=False)
-                    return self._answer(self._fast_generate(decoder, ids, snapshot, streamer, should_stop),
-                                        question, snapshot, streamer, start)
-        streamer = _TextStreamer(self.tokenizer, on_text)
-        ids = ids[None].to(self.model.device)  # (1, L)
+        max_new_tokens = self.max_new_tokens if max_new_tokens is None else max_new_tokens
+        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
+        temperature = self.temperature if temperature is None else float(temperature)
+        if not temperature >= 0:
+            raise ValueError(f"temperature must be >= 0, got {temperature}")
+        ids = self._prompt_ids(question, snapshot.num_tokens, max_new_tokens)  # (L,) on the CPU
+        return AnswerRun(question, snapshot, ids, max_new_tokens, temperature, on_text, start)
+
+    @torch.inference_mode()
+    def ask(self, question, snapshot=None, on_text=None, should_stop=None, max_new_tokens=None, temperature=None):
+        """Answer `question` from `snapshot` (default: the latest). `on_text(piece)` receives the answer
+        as it is generated; `should_stop()` may end generation early. Greedy when temperature is 0.
+        `max_new_tokens` / `temperature`: this question's (default: the session's)."""
+        run = self.begin(question, snapshot, on_text, max_new_tokens, temperature)
+        if self.run_fast(run, should_stop):
+            return self.finish(run)
+        streamer = run.streamer(self.tokenizer, skip_prompt=True)
+        ids = run.ids[None].to(self.model.device)  # (1, L)
         stopping = []
         if self._stop_text is not None:
             stopping.append(KeywordsStoppingCriteria([self._stop_text], self.tokenizer, ids[:, :0]))
         if should_stop is not None:
             stopping.append(_StopWhen(should_stop))
-        kwargs = {"max_new_tokens": self.max_new_tokens, "streamer": streamer, "use_cache": True}
-        if self.temperature > 0:
-            kwargs.update(do_sample=True, temperature=self.temperature)
+        kwargs = {"max_new_tokens": run.max_new_tokens, "streamer": streamer, "use_cache": True}
+        if run.temperature > 0:
+            kwargs.update(do_sample=True, temperature=run.temperature)
             if self.top_p is not None:
                 kwargs["top_p"] = self.top_p
         else:
             kwargs["do_sample"] = False
         if stopping:
             kwargs["stopping_criteria"] = StoppingCriteriaList(stopping)
-        out = self.model.generate(ids, memory=[snapshot.tokens], **kwargs)  # (1, new tokens)
-        return self._answer(out[0].tolist(), question, snapshot, streamer, start)
+        out = self.model.generate(ids, memory=[run.snapshot.tokens], **kwargs)  # (1, new tokens)
+        run.tokens = out[0].tolist()
+        return self.finish(run)
 
-    def _fast_generate(self, decoder, ids, snapshot, streamer, should_stop):
-        """Greedy tokens from the decoder: prefix (kept or run now) + question, then the decode step in
-        chunks of `check_every` tokens, each handed to the streamer. Same tokens as `generate`."""
+    def run_fast(self, run, should_stop=None):
+        """Answer `run` on the fast path when it can take it (greedy, the stop string is EOS, prompt and answer
+        fit the decoder's cache) -> whether it ran. `should_stop()` may end it early: then `run.tokens` holds
+        the tokens so far and the run can go on elsewhere (the engine moves it into the batch)."""
+        if not (self.fast and self._uses_decoder(run.temperature)):
+            return False
+        with self._decoder_lock:
+            decoder = self._get_decoder()
+            if len(run.ids) - 1 + run.snapshot.num_tokens + run.max_new_tokens >= decoder.max_cache_len:
+                return False
+            self._fast_generate(decoder, run, should_stop)
+        return True
+
+    def batch_request(self, run, decoder, should_stop=None):
+        """`run` as a `BatchRequest` for `decoder` (a `runtime.BatchDecoder` on this session's model): its
+        prompt -- and the tokens it has so far, when it moves over from the fast path -- embedded with its
+        memory; the tokens it gets stream through the run. Raises ValueError naming the question when the
+        snapshot or the prompt cannot be embedded, or when they do not fit a slot."""
+        from ..runtime.batch_decoder import BatchRequest
+
+        name = f"question {run.question[:80]!r}"
+        ids = run.ids if not run.tokens else torch.cat([run.ids, torch.tensor(run.tokens, dtype=run.ids.dtype)])
+        embeds = decoder.embed(ids, run.snapshot.tokens, name=name)  # (L - 1 + N [+ tokens so far], hidden)
+        streamer = run.streamer(self.tokenizer, skip_prompt=False)
+        stop_text = self._stop_text
+
+        def on_tokens(tokens):
+            run.tokens.extend(tokens)
+            streamer.put(torch.tensor(tokens))
+            # a template whose stop string is not EOS: it ends the answer once it appears (checked on the tail)
+            return stop_text is not None and stop_text in self.tokenizer.decode(run.tokens[-8:])
+
+        request = BatchRequest(embeds, run.max_new_tokens - len(run.tokens), eos_token_id=self.tokenizer.eos_token_id,
+                               temperature=run.temperature, top_p=self.top_p if run.temperature > 0 else None,
+                               on_tokens=on_tokens, should_stop=should_stop, name=name)
+        if not decoder.fits(request.prompt_len, request.max_new_tokens):
+            raise ValueError(f"{name}: {request.prompt_len} prompt tokens and {request.max_new_tokens} answer tokens "
+                             f"do not fit a batch slot of {decoder.max_len} positions")
+        return request
+
+    def finish(self, run):
+        """The `Answer` of a run that ended (completed, or cut short by `should_stop`)."""
+        streamer = run.streamer(self.tokenizer, skip_prompt=False)
+        streamer.end()
+        return self._answer(run.tokens, run.question, run.snapshot, streamer, run.start)
+
+    def _fast_generate(self, decoder, run, should_stop):
+        """Greedy tokens from the decoder into `run.tokens`: prefix (kept or run now) + question, then the
+        decode step in chunks of `check_every` tokens, each handed to the streamer. Same tokens as `generate`."""
+        ids, snapshot, streamer = run.ids, run.snapshot, run.streamer(self.tokenizer, skip_prompt=False)
         if not decoder.prefix_matches(ids, snapshot.tokens):
             decoder.cache_prefix(self.prefix_ids(), snapshot.tokens)
         streamer.put(decoder.prefill(ids, snapshot.tokens))
         eos = self.tokenizer.eos_token_id
         tokens = decoder.tokens()
-        while len(tokens) < self.max_new_tokens and eos not in tokens:
+        while len(tokens) < run.max_new_tokens and eos not in tokens:
             if should_stop is not None and should_stop():
                 break
-            decoder.decode(min(decoder.check_every, self.max_new_tokens - len(tokens)), eos)
+            decoder.decode(min(decoder.check_every, run.max_new_tokens - len(tokens)), eos)
             new = decoder.tokens()
             streamer.put(torch.tensor(new[len(tokens):]))
             tokens = new
         if eos in tokens:
             tokens = tokens[:tokens.index(eos) + 1]
-        streamer.end()
-        return tokens
+        run.tokens = tokens
+        run.done = eos in tokens or len(tokens) >= run.max_new_tokens
 
     def _answer(self, new_ids, question, snapshot, streamer, start):
         end = time.perf_counter()
         text = self.tokenizer.decode(new_ids, skip_special_tokens=True).strip()
-        if self._stop_text is not None and text.endswith(self._stop_text):
-            text = text[: -len(self._stop_text)].strip()
+        if self._stop_text is not None and self._stop_text in text:
+            text = text[:text.index(self._stop_text)].strip()
         if self.conversation == "continue":
             self._history.append((question, text))
         ttft = None if streamer.first_token_time is None else streamer.first_token_time - start
