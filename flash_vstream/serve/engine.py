@@ -280,12 +280,13 @@ class Engine:
     unless `keep_running` (a server that keeps adding sessions). `max_pending_questions` bounds each
     session's queued questions; `metrics` (the server's Prometheus counters) is fed beside `stats`.
     `max_batch` bounds the answers the answer lane thread runs at once (batched; 1: one at a time) and
-    `batch_prefill_tokens` the prompt tokens joining its batch in one step.
+    `batch_prefill_tokens` the prompt tokens joining its batch in one step; `batch_graphs` (None: on CUDA)
+    captures its decode step as CUDA graphs.
     """
 
     def __init__(self, session=None, source=None, *, schedule=None, play_speed=1.0, inbox_size=8, drop_oldest=None,
                  on_error="stop", answer_lane=False, keep_running=False, max_pending_questions=None, log=None,
-                 log_every=100, metrics=None, max_batch=16, batch_prefill_tokens=8192):
+                 log_every=100, metrics=None, max_batch=16, batch_prefill_tokens=8192, batch_graphs=None):
         if on_error not in ON_ERROR:
             raise ValueError(f"on_error must be one of {ON_ERROR}, got {on_error!r}")
         if isinstance(max_batch, bool) or not isinstance(max_batch, int) or max_batch < 1:
@@ -293,6 +294,7 @@ class Engine:
         # the answer lane thread: up to max_batch answers at once, batched (1: one at a time); the prompt
         # tokens that may join the batch in one step
         self.max_batch, self.batch_prefill_tokens = max_batch, int(batch_prefill_tokens)
+        self.batch_graphs = batch_graphs  # the batch's decode step as CUDA graphs (None: on CUDA)
         self._batch = None  # the answer lane's BatchDecoder, built at its first batched question
         self.play_speed = play_speed  # defaults for add_session (checked there)
         self.inbox_size = inbox_size
@@ -867,7 +869,9 @@ class Engine:
             from ..runtime.batch_decoder import BatchDecoder
 
             fast_path = getattr(session, "fast_path", None)
-            cuda_graph = bool(fast_path is not None and fast_path.enabled and fast_path.options.cuda_graph)
+            # one batch for all sessions: its decode graphs are captured once per shape, whatever the sessions'
+            # own fast paths (the server runs those off: one per session would not scale)
+            cuda_graph = session.model.device.type == "cuda" if self.batch_graphs is None else self.batch_graphs
             self._batch = BatchDecoder(session.model, max_slots=self.max_batch, max_len=session.answer_len(),
                                        max_prefill_tokens=self.batch_prefill_tokens, cuda_graph=cuda_graph,
                                        strict=bool(fast_path is not None and fast_path.options.strict),
