@@ -5,19 +5,30 @@ weights on the CPU (the parent never touches the GPU), writes random CLIP featur
 records, then runs the real training entry (`flash_vstream.train.train.train`) in a subprocess per run:
 
   baseline  `--memory_build forward`: each sample's STAR memory built in the forward pass, one clip at
-            a time, with gradient checkpointing (the earlier training path)
+            a time, with gradient checkpointing; stage 2 without DeepSpeed keeps fp32 trained weights
+            under bf16 autocast (`--trained_weights_fp32`, fused AdamW): the earlier training path
   fast      `--memory_build dataloader`: the frozen part of the memory built in the data loader's
             workers (prefetch, pinned memory), the Semantic Attention batched in forward; gradient
-            checkpointing as `--stageN-checkpointing` says
-  variants  `--variant NAME:STAGE:FLAGS` (the fast run plus FLAGS), e.g. `--variant compile:1:--compile_decoder_layers True`
+            checkpointing as `--stageN-checkpointing` says, `--compile_decoder_layers` as `--compile`
+            says; stage 2 without DeepSpeed as `--stage2-optimizer` says (default: AdamW inside the
+            backward pass, `--optim_in_backward`, bf16 weights with fp32 masters, no gradient buffer)
+  variants  `--variant NAME:STAGE:FLAGS` (the fast run plus FLAGS, which override its own), e.g.
+            `--variant eager:2:--compile_decoder_layers False`
 
 For each run it reports samples/s, tokens/s, MFU against 989 TFLOP/s (dense bf16, the datasheet) and
 against the bf16 matrix-product rate measured in the same run, peak memory, and a per-phase split of a
 step (data wait, prepare, memory build, forward, backward, optimizer, rest); then what the paper-size run
-(Vicuna-7B, both stages, one epoch each, 8 GPUs) would take at the measured rates.
+(Vicuna-7B, both stages, one epoch each, 8 GPUs) would take at the measured rates: each stage's fastest
+run that is not a baseline, of this invocation or, with `--stage1-from EARLIER/bench_train.json`, stage 1's
+from an earlier invocation (named in the projection). Under `--optim_in_backward` the backward phase
+includes the optimizer's updates and the optimizer phase is empty.
 
     python -m benchmarks.train --output-dir OUT [--preset 7b] [--gpus 1] [--steps 20]
                                [--zero-stage1 none|scripts/zero2.json] [--zero-stage2 none|scripts/zero3.json]
+                               [--compare-to ONE_GPU_OUT/bench_train.json]
+
+With `--gpus N --compare-to` a one-GPU invocation's bench_train.json (same preset, per-GPU batch and frames),
+`scaling` holds each run's speed-up over its one-GPU twin (same stage, run and ZeRO config) and per-GPU memory.
 
 Throughput is steady state: the optimizer steps after the first --warmup-steps, timed from one step's end to
 the next on rank 0 (data loading included, start-up and the first steps not). The phase split synchronises
@@ -200,6 +211,7 @@ def worker(metrics_file, argv):
 
 
 def stage_argv(root, stage, name, build, checkpointing, zero, extra, args):
+    """train() flags of one run: the baseline (`build == "forward"`), or the fast run plus a variant's `extra`."""
     out = f"{args.scratch_dir or root}/stage{stage}-{name}"
     argv = ["--model_name_or_path", f"{root}/llm", "--vision_tower", f"{root}/clip", "--use_features", "True",
             "--video_folder", f"{root}/features", "--data_path", f"{root}/data.json", "--output_dir", out,
@@ -219,8 +231,14 @@ def stage_argv(root, stage, name, build, checkpointing, zero, extra, args):
         argv += ["--tune_mm_mlp_adapter", "True"]
     elif os.path.exists(f"{args.scratch_dir or root}/stage1-fast/mm_projector.bin"):
         argv += ["--pretrain_mm_mlp_adapter", f"{args.scratch_dir or root}/stage1-fast/mm_projector.bin"]
-    if stage == 2 and args.stage2_fp32_master and zero == "none":
-        argv += ["--trained_weights_fp32", "True", "--optim", "adamw_torch_fused"]
+    fast = build == "dataloader"
+    if fast and args.compile:
+        argv += ["--compile_decoder_layers", "True"]
+    if stage == 2 and zero == "none":
+        if fast and args.stage2_optimizer == "in_backward":
+            argv += ["--optim_in_backward", "True", "--max_grad_norm", "0"]
+        else:
+            argv += ["--trained_weights_fp32", "True", "--optim", "adamw_torch_fused"]
     return argv + list(extra)
 
 
@@ -230,6 +248,7 @@ def run_stage(root, stage, name, build, checkpointing, extra, args):
     metrics_file = f"{root}/metrics{stage}-{name}.json"
     port = str(free_port())
     env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    env.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")  # stage 2 at 7B fills the GPU: no fragments
     if args.gpus == 1:
         env.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", LOCAL_WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
                    MASTER_PORT=port)
@@ -242,7 +261,7 @@ def run_stage(root, stage, name, build, checkpointing, extra, args):
     if "--gradient_checkpointing" in extra:  # a variant's flags override the fast run's choice
         checkpointing = extra[extra.index("--gradient_checkpointing") + 1] == "True"
     head = {"stage": stage, "run": name, "memory_build": build, "gradient_checkpointing": checkpointing,
-            "zero": os.path.basename(zero), "flags": " ".join(extra)}
+            "zero": os.path.basename(zero), "flags": " ".join(extra), "argv": " ".join(argv[argv.index("--memory_build"):])}
     if result.returncode:
         return {**head, "error": result.stderr[-4000:]}
     ranks = []
@@ -314,28 +333,51 @@ def add_rates(r, n_params, tokens_per_sample, peak_tflops, args):
     return r
 
 
-def project_7b(results, args):
-    """The paper-size run (Vicuna-7B, both stages, one epoch each) from each stage's measured MFU carried
-    over to 6.74B parameters (at the 7B preset: the measured rate itself), assuming 8 GPUs scale linearly."""
+def fastest_runs(results, source):
+    """{stage: run} of the fastest measured run of each stage that is not a baseline, tagged with its source."""
+    best = {}
+    for r in results["stages"] + results["variants"]:
+        if "mfu" in r and (r["stage"] not in best or r["samples_per_s"] > best[r["stage"]]["samples_per_s"]):
+            best[r["stage"]] = {**r, "source": f"{source}, run {r['run']!r}"}
+    return best
+
+
+def stage1_from(path, results):
+    """Stage 1's fastest run of an earlier bench_train.json of the same shape (for a stage-2-only invocation)."""
+    with open(path) as f:
+        earlier = json.load(f)
+    for key in ("preset", "llm_params", "tokens_per_sample", "batch_per_gpu"):
+        if earlier.get(key) != results[key]:
+            raise SystemExit(f"--stage1-from {path}: its {key} is {earlier.get(key)!r}, this run's {results[key]!r}")
+    best = fastest_runs(earlier, path).get(1)
+    if best is None:
+        raise SystemExit(f"--stage1-from {path}: it holds no measured stage-1 run")
+    return best
+
+
+def project_7b(results, runs):
+    """The paper-size run (Vicuna-7B, both stages, one epoch each) from each stage's run in `runs` ({stage: run}):
+    its measured MFU carried over to 6.74B parameters (at the 7B preset: the measured rate itself), assuming 8
+    GPUs scale linearly."""
     n7b, gpus = 6.74e9, 8
-    out = {"assumes": f"Vicuna-7B ({n7b:.3g} parameters), {gpus} GPUs of the measured kind scaling linearly (not "
-                      f"measured here), the measured MFU of each stage's fast run, {results['tokens_per_sample']} "
-                      "tokens per sample",
+    out = {"assumes": f"Vicuna-7B ({n7b:.3g} parameters), {gpus} GPUs of the measured kind each as fast as the one "
+                      f"measured (linear scaling, not measured here), each stage's fastest measured run that is not "
+                      f"a baseline, {results['tokens_per_sample']} tokens per sample",
            # bf16 weights (2 B), bf16 grads (2 B), Adam states: fp32 master, m, v (12 B); ZeRO-1 partitions
            # the states, ZeRO-2 also the grads, ZeRO-3 also the weights (scripts/train_and_eval.sh: ZeRO-1)
            "stage2_model_state_gib_per_gpu": {"zero1": (4 * n7b + 12 * n7b / gpus) / 2**30,
                                               "zero2": (2 * n7b + 14 * n7b / gpus) / 2**30,
                                               "zero3": 16 * n7b / gpus / 2**30}}
     total = 0.0
-    for r in results["stages"]:
-        if "mfu" not in r:
-            continue
-        per_gpu = r["mfu"] * H100_BF16_DENSE_FLOPS / flops_per_token(r["stage"], n7b) / results["tokens_per_sample"]
-        out[f"stage{r['stage']}_samples_per_s_per_gpu"] = per_gpu
-        hours = PAPER_SAMPLES[r["stage"]] / (gpus * per_gpu) / 3600
-        out[f"stage{r['stage']}_epoch_hours"] = hours
+    for stage, r in sorted(runs.items()):
+        per_gpu = r["mfu"] * H100_BF16_DENSE_FLOPS / flops_per_token(stage, n7b) / results["tokens_per_sample"]
+        out[f"stage{stage}_from"] = r["source"]
+        out[f"stage{stage}_mfu"] = r["mfu"]
+        out[f"stage{stage}_samples_per_s_per_gpu"] = per_gpu
+        hours = PAPER_SAMPLES[stage] / (gpus * per_gpu) / 3600
+        out[f"stage{stage}_epoch_hours"] = hours
         total += hours
-    out["both_stages_hours"] = total
+    out["both_stages_hours"] = total if len(runs) == 2 else None  # None: a stage was not measured
     return out
 
 
@@ -379,18 +421,30 @@ def main(argv=None):
                                               "a 7B stage-2 save is 27 GB, a RAM disk saves a minute")
     parser.add_argument("--no-baseline", action="store_true", help="skip the per-sample (forward) baseline runs")
     parser.add_argument("--stage1-checkpointing", default="False", help="gradient checkpointing of the fast run")
-    parser.add_argument("--stage2-checkpointing", default="True", help="gradient checkpointing of the fast run")
-    parser.add_argument("--stage2-fp32-master", default="True",
-                        help="without DeepSpeed: fp32 trained weights under bf16 autocast (--trained_weights_fp32)")
+    parser.add_argument("--stage2-checkpointing", default="False", help="gradient checkpointing of the fast run")
+    parser.add_argument("--stage2-optimizer", default="in_backward", choices=("in_backward", "fp32_master"),
+                        help="the fast stage-2 run without DeepSpeed: AdamW inside the backward pass on bf16 weights "
+                             "(--optim_in_backward), or fp32 trained weights under bf16 autocast "
+                             "(--trained_weights_fp32, what the baseline always runs)")
+    parser.add_argument("--compile", default=None, choices=("True", "False"),
+                        help="--compile_decoder_layers in the fast runs (default: True on cuda, False on cpu)")
+    parser.add_argument("--stage1-from", metavar="BENCH_TRAIN_JSON",
+                        help="an earlier invocation's bench_train.json (same preset and batch): its fastest stage-1 "
+                             "run goes into the projection, beside this invocation's stage 2")
     parser.add_argument("--variant", action="append", default=[],
                         help="NAME:STAGE:FLAGS, the fast run plus train() FLAGS, e.g. 'compile:1:--compile_decoder_layers True'")
     parser.add_argument("--zero-stage1", default=os.path.join(REPO, "scripts", "zero2.json"), help="a JSON, or none")
     parser.add_argument("--zero-stage2", default=os.path.join(REPO, "scripts", "zero3.json"), help="a JSON, or none")
+    parser.add_argument("--compare-to", default=None,
+                        help="a one-GPU bench_train.json: report the speed-up of each run over its one-GPU twin")
     args = parser.parse_args(argv)
     for name, value in PRESETS[args.preset].items():
         if getattr(args, name) is None:
             setattr(args, name, value)
-    args.stage2_fp32_master = args.stage2_fp32_master == "True"
+    args.compile = args.device == "cuda" if args.compile is None else args.compile == "True"
+    stages = [int(s) for s in args.stages.split(",")]
+    if args.stage1_from and 1 in stages:
+        raise SystemExit("--stage1-from takes stage 1 from an earlier invocation: run --stages 2 with it")
 
     root = os.path.join(args.output_dir, "work")
     os.makedirs(root, exist_ok=True)
@@ -405,8 +459,9 @@ def main(argv=None):
     results = {"device": device_name(args), "gpus": args.gpus, "preset": args.preset, "llm_params": n_params,
                "tokens_per_sample": tokens_per_sample, "batch_per_gpu": args.batch, "frames": args.frames,
                "bf16_matmul_peak_tflops": peak, "inputs_s": round(time.time() - started, 1),
+               "steps": args.steps, "warmup_steps": args.warmup_steps, "compile_decoder_layers": args.compile,
+               "stage2_optimizer": args.stage2_optimizer if args.zero_stage2 == "none" else "deepspeed",
                "baseline": [], "stages": [], "variants": []}
-    stages = [int(s) for s in args.stages.split(",")]
     for stage in stages:
         plan = [] if args.no_baseline else [("baseline", "baseline", "forward", True, [])]
         checkpointing = args.stage1_checkpointing if stage == 1 else args.stage2_checkpointing
@@ -423,12 +478,69 @@ def main(argv=None):
         base = [b for b in results["baseline"] if b["stage"] == fast["stage"] and "samples_per_s" in b]
         if base and "samples_per_s" in fast:
             fast["speedup_vs_baseline"] = fast["samples_per_s"] / base[0]["samples_per_s"]
-    results["projection_7b"] = project_7b(results, args)
+    runs = fastest_runs(results, "this invocation")
+    if args.stage1_from:
+        runs[1] = stage1_from(args.stage1_from, results)
+    results["projection_7b"] = project_7b(results, runs)
+    if args.compare_to:
+        with open(args.compare_to) as f:
+            results["scaling"] = scaling(results, json.load(f), args.compare_to)
     write_json(os.path.join(args.output_dir, "bench_train.json"), results)
+    if "scaling" in results:
+        print(scaling_table(results["scaling"]))
     print(json.dumps(results["projection_7b"], indent=2))
     print(table(results))
     if any("error" in r for group in ("baseline", "stages", "variants") for r in results[group]):
         sys.exit(1)
+
+
+SCALING_TARGETS = {2: 1.9, 8: 7.0}  # speed-up over one GPU at the same per-GPU batch, per stage
+
+
+def scaling(results, one_gpu, source="--compare-to"):
+    """Speed-up of this invocation (N GPUs) over a one-GPU invocation, run by run: the one-GPU run of the same
+    stage, run name and ZeRO config, at the same per-GPU batch -> {"gpus", "compared_to", "runs": [...]}, each
+    run with both samples/s, the speed-up, the scaling efficiency (speed-up / N), both peak GiB per GPU and the
+    target where there is one. ValueError when the two invocations did not measure the same thing."""
+    if one_gpu.get("gpus") != 1:
+        raise ValueError(f"{source}: a one-GPU bench_train.json is needed; this one ran on {one_gpu.get('gpus')} GPUs")
+    for key in ("preset", "llm_params", "batch_per_gpu", "frames", "tokens_per_sample"):
+        if one_gpu.get(key) != results.get(key):
+            raise ValueError(f"{source}: {key} {one_gpu.get(key)!r} there, {results.get(key)!r} here: not the same "
+                             "measurement")
+    groups = ("baseline", "stages", "variants")
+    twins = {(r["stage"], r["run"], r["zero"]): r for g in groups for r in one_gpu.get(g, []) if "samples_per_s" in r}
+    gpus, target = results["gpus"], SCALING_TARGETS.get(results["gpus"])
+    runs = []
+    for r in (r for g in groups for r in results[g] if "samples_per_s" in r):
+        row = {"stage": r["stage"], "run": r["run"], "zero": r["zero"], "samples_per_s": r["samples_per_s"],
+               "peak_gib_per_gpu": r["peak_gib_per_gpu"]}
+        twin = twins.get((r["stage"], r["run"], r["zero"]))
+        if twin is None:
+            row["note"] = "no one-GPU run of this stage, run and ZeRO config to compare with"
+        else:
+            speedup = r["samples_per_s"] / twin["samples_per_s"]
+            row.update(one_gpu_samples_per_s=twin["samples_per_s"], speedup=speedup, efficiency=speedup / gpus,
+                       one_gpu_peak_gib_per_gpu=twin["peak_gib_per_gpu"])
+            if target is not None:
+                row.update(target=target, met=speedup >= target)
+        runs.append(row)
+    return {"gpus": gpus, "compared_to": one_gpu.get("device"), "compared_to_file": source, "runs": runs}
+
+
+def scaling_table(scaling_report):
+    n = scaling_report["gpus"]
+    rows = [f"| stage | run | ZeRO | samples/s, {n} GPUs | samples/s, 1 GPU | speed-up | efficiency | GiB/GPU, {n} | "
+            "GiB/GPU, 1 |", "|---|---|---|---|---|---|---|---|---|"]
+    for r in scaling_report["runs"]:
+        if "speedup" not in r:
+            rows.append(f"| {r['stage']} | {r['run']} | {r['zero']} | {r['samples_per_s']:.2f} | - | - | - | "
+                        f"{r['peak_gib_per_gpu']:.1f} | - |")
+            continue
+        rows.append(f"| {r['stage']} | {r['run']} | {r['zero']} | {r['samples_per_s']:.2f} | "
+                    f"{r['one_gpu_samples_per_s']:.2f} | {r['speedup']:.2f}x | {r['efficiency']:.0%} | "
+                    f"{r['peak_gib_per_gpu']:.1f} | {r['one_gpu_peak_gib_per_gpu']:.1f} |")
+    return "\n".join(rows)
 
 
 def device_name(args):

@@ -7,6 +7,8 @@
 #   LLM=ckpt/vicuna-7b-v1.5  VISION_TOWER=ckpt/clip-vit-large-patch14  DATA_ROOT=data
 #   USE_FEATURES=True (pre-extracted .safetensors; False reads raw images/videos)
 #   PRETRAIN_ZERO=scripts/zero0.json  FINETUNE_ZERO=scripts/zero1.json (zero2/zero3/zero3_offload work too)
+#   COMPILE=True (torch.compile of each decoder layer; left off under a ZeRO-3 config, which partitions the
+#   layers' weights in module hooks, not tried compiled)
 #   RUN_NAME=vstream-vicuna-7b  SKIP_EVAL=1 (train only)  DRY_RUN=1 (print the commands only)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -24,6 +26,7 @@ DATA_ROOT=${DATA_ROOT:-data}
 USE_FEATURES=${USE_FEATURES:-True}
 PRETRAIN_ZERO=${PRETRAIN_ZERO:-scripts/zero0.json}
 FINETUNE_ZERO=${FINETUNE_ZERO:-scripts/zero1.json}
+COMPILE=${COMPILE:-True}
 RUN_NAME=${RUN_NAME:-vstream-vicuna-7b}
 PRETRAIN_DIR=checkpoints-pretrain/${RUN_NAME}-pretrain
 FINETUNE_DIR=checkpoints-finetune/${RUN_NAME}-finetune
@@ -52,6 +55,10 @@ folders() {  # stage root -> image/video folder flags (features or raw media)
     fi
 }
 
+compile_flag() {  # DeepSpeed config -> --compile_decoder_layers value
+    if grep -Eq '"stage": *3' "$1"; then echo False; else echo "$COMPILE"; fi
+}
+
 if [[ -n "${HOSTFILE:-}" ]]; then LAUNCH=(deepspeed --hostfile "$HOSTFILE"); else LAUNCH=(deepspeed --include "localhost:$GPU_IDS"); fi
 
 # Memory and vision settings: the released config's values, identical in both stages.
@@ -77,7 +84,7 @@ run "${LAUNCH[@]}" flash_vstream/train/train_mem.py \
     --deepspeed "$PRETRAIN_ZERO" \
     --model_name_or_path "$LLM" --version plain \
     --data_path "$DATA_ROOT/pretrain/llava_558k_with_webvid.json" $(folders "$DATA_ROOT/pretrain") \
-    --tune_mm_mlp_adapter True \
+    --tune_mm_mlp_adapter True --compile_decoder_layers "$(compile_flag "$PRETRAIN_ZERO")" \
     --per_device_train_batch_size "$PRETRAIN_BATCH_PER_GPU" \
     --gradient_accumulation_steps "$PRETRAIN_ACCUMULATION" \
     --learning_rate 1e-3 --output_dir "$PRETRAIN_DIR" \
@@ -87,7 +94,7 @@ run "${LAUNCH[@]}" flash_vstream/train/train_mem.py \
 run "${LAUNCH[@]}" flash_vstream/train/train_mem.py \
     --deepspeed "$FINETUNE_ZERO" \
     --model_name_or_path "$LLM" --version v1 \
-    --pretrain_mm_mlp_adapter "$PRETRAIN_DIR/mm_projector.bin" \
+    --pretrain_mm_mlp_adapter "$PRETRAIN_DIR/mm_projector.bin" --compile_decoder_layers "$(compile_flag "$FINETUNE_ZERO")" \
     --data_path "$DATA_ROOT/finetune/llava_v1_5_mix665k_with_video_chatgpt.json" $(folders "$DATA_ROOT/finetune") \
     --per_device_train_batch_size "$FINETUNE_BATCH_PER_GPU" \
     --gradient_accumulation_steps "$FINETUNE_ACCUMULATION" \

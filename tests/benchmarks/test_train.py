@@ -32,6 +32,56 @@ def test_model_flops_per_token_by_stage():
     assert bench_train.flops_per_token(2, 10) == 60
 
 
+def _args(**kw):
+    import argparse
+
+    base = dict(scratch_dir=None, device="cuda", steps=20, batch=8, workers=8, compile=True,
+                stage2_optimizer="in_backward")
+    return argparse.Namespace(**{**base, **kw})
+
+
+def test_run_flags_baseline_old_path_fast_run_new_path():
+    baseline = bench_train.stage_argv("/r", 2, "baseline", "forward", True, "none", [], _args())
+    fast = bench_train.stage_argv("/r", 2, "fast", "dataloader", False, "none", [], _args())
+    eager = bench_train.stage_argv("/r", 2, "eager", "dataloader", False, "none",
+                                   ["--compile_decoder_layers", "False"], _args())
+    assert "--trained_weights_fp32" in baseline and "--compile_decoder_layers" not in baseline
+    assert "--optim_in_backward" in fast and fast[fast.index("--max_grad_norm") + 1] == "0"
+    assert fast[fast.index("--compile_decoder_layers") + 1] == "True" and "--trained_weights_fp32" not in fast
+    assert eager[-2:] == ["--compile_decoder_layers", "False"]  # the variant's flag comes last: it wins
+    old = bench_train.stage_argv("/r", 2, "fast", "dataloader", True, "none", [], _args(stage2_optimizer="fp32_master"))
+    assert "--trained_weights_fp32" in old and "--optim_in_backward" not in old
+    zero = bench_train.stage_argv("/r", 2, "fast", "dataloader", True, "z3.json", [], _args())
+    assert "--optim_in_backward" not in zero and "--trained_weights_fp32" not in zero
+
+
+def _run(stage, name, samples_per_s, mfu):
+    return {"stage": stage, "run": name, "samples_per_s": samples_per_s, "mfu": mfu}
+
+
+def test_projection_takes_stage1_from_an_earlier_run(tmp_path):
+    shape = {"preset": "7b", "llm_params": 6738415616, "tokens_per_sample": 777, "batch_per_gpu": 8}
+    earlier = {**shape, "baseline": [_run(1, "baseline", 10.9, 0.23)],
+               "stages": [_run(1, "fast", 19.0, 0.40), {"stage": 2, "run": "fast", "error": "out of memory"}],
+               "variants": [_run(1, "compile", 24.8, 0.525)]}
+    (tmp_path / "earlier.json").write_text(json.dumps(earlier))
+    now = {**shape, "baseline": [_run(2, "baseline", 7.7, 0.244)], "stages": [_run(2, "fast", 14.0, 0.45)],
+           "variants": [_run(2, "eager", 11.0, 0.35)]}
+    runs = bench_train.fastest_runs(now, "this invocation")
+    assert list(runs) == [2] and runs[2]["run"] == "fast"
+    runs[1] = bench_train.stage1_from(str(tmp_path / "earlier.json"), now)
+    projection = bench_train.project_7b(now, runs)
+    assert projection["stage1_from"].endswith("earlier.json, run 'compile'") and projection["stage1_mfu"] == 0.525
+    assert projection["stage2_from"] == "this invocation, run 'fast'"
+    # at the 7B shape the carried-over rate is the measured one: 790k samples / (8 GPUs x 24.8/s)
+    assert abs(projection["stage1_epoch_hours"] - 790_000 / (8 * 24.8) / 3600) < 0.01
+    assert projection["both_stages_hours"] == projection["stage1_epoch_hours"] + projection["stage2_epoch_hours"]
+    assert bench_train.project_7b(now, {2: runs[2]})["both_stages_hours"] is None
+    (tmp_path / "other.json").write_text(json.dumps({**earlier, "tokens_per_sample": 500}))
+    with pytest.raises(SystemExit, match="tokens_per_sample"):
+        bench_train.stage1_from(str(tmp_path / "other.json"), now)
+
+
 @pytest.mark.slow  # a long end-to-end run: CI's second step (.ci/run)
 def test_two_process_zero2_then_zero3_on_cpu(tmp_path):
     args = ["--output-dir", str(tmp_path), "--device", "cpu", "--gpus", "2", "--hidden", "64",
