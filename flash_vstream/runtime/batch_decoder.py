@@ -162,6 +162,22 @@ class BatchDecoder:
         """Whether a prompt of `prompt_len` embeddings (memory included) and its answer fit a slot."""
         return prompt_len + max_new_tokens <= self._scratch
 
+    @torch.inference_mode()
+    def warm_up(self):
+        """Capture the decode graph of every shape a step can take now (power-of-two slot ranges up to
+        max_slots, key lengths in CACHE_ALIGN steps up to max_len), so no answer waits for a capture later;
+        a no-op without `cuda_graph`. Call it before requests run. Returns the shapes captured."""
+        if not self.cuda_graph:
+            return 0
+        rows, n = sorted({min(self.max_slots, 1 << k) for k in range(self.max_slots.bit_length() + 1)}), 0
+        for r in rows:
+            for kv_len in range(CACHE_ALIGN, self.max_len + 1, CACHE_ALIGN):
+                if (r, kv_len) not in self._graphs and (r, kv_len) not in self.errors:
+                    self._graph_logits(r, kv_len)
+                    n += (r, kv_len) in self._graphs
+        sync(self.device)
+        return n
+
     # --- requests ------------------------------------------------------------------------------------
     @torch.inference_mode()
     def embed(self, input_ids, memory=None, name="request"):

@@ -878,6 +878,16 @@ class Engine:
                                        on_fallback=None if fast_path is None else fast_path.fallbacks.record)
         return self._batch if self._batch.model is session.model else None
 
+    def warm_up_answers(self, session):
+        """Build the answer batch for `session`'s model and sizes now and capture its decode graphs (on CUDA),
+        instead of at the first batched question and the first step of each shape. Call it before questions
+        arrive (the lane thread owns the batch once they do). Returns the `BatchDecoder` (None: `session`
+        cannot share one)."""
+        decoder = self._batch_decoder(session)
+        if decoder is not None:
+            decoder.warm_up()
+        return decoder
+
     def _start_question(self, stream, job, running):
         """Start `job`: alone on the session's fast path when nothing else runs or waits (moving into the
         batch when another question comes), else into the batch; a session that cannot share the batch
