@@ -65,6 +65,8 @@ def build_parser():
                         "beyond it gets 429 (default on CUDA: free memory after loading less a headroom; CPU: none)")
     p.add_argument("--ingest-lag-target", type=float, default=d.ingest_lag_target_s,
                    help="seconds: new answers wait while a frame has waited longer than this to reach its memory")
+    p.add_argument("--max-batch", type=int, default=d.max_batch,
+                   help="answers run at once (continuous batching): the answer KV cache's slots")
     p.add_argument("--max-answer-defer", type=float, default=d.max_answer_defer_s,
                    help="seconds: the longest a new answer waits for the ingest lane to catch up")
     p.add_argument("--log-level", default="info")
@@ -72,8 +74,8 @@ def build_parser():
 
 
 def settings_from_args(args):
-    for name in ("max_sessions", "max_frame_bytes", "max_video_bytes", "max_video_frames", "max_question_chars",
-                 "max_tokens", "max_pending_questions"):
+    for name in ("max_sessions", "max_batch", "max_frame_bytes", "max_video_bytes", "max_video_frames",
+                 "max_question_chars", "max_tokens", "max_pending_questions"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1")
     if not args.idle_timeout > 0:
@@ -100,7 +102,8 @@ def settings_from_args(args):
                     max_pending_questions=args.max_pending_questions, idle_timeout_s=args.idle_timeout,
                     conv_mode=args.conv_mode, fast=args.fast,
                     memory_budget_bytes=None if args.memory_budget_gb is None else int(args.memory_budget_gb * 1e9),
-                    ingest_lag_target_s=args.ingest_lag_target, max_answer_defer_s=args.max_answer_defer)
+                    ingest_lag_target_s=args.ingest_lag_target, max_answer_defer_s=args.max_answer_defer,
+                    max_batch=args.max_batch)
 
 
 class RedactKeys(logging.Filter):

@@ -14,8 +14,8 @@ import websockets
 
 from flash_vstream.model import VStreamConfig
 from flash_vstream.model.memory import STARMemory, memory_num_tokens
-from flash_vstream.serve.api.scheduler import (MemoryBudget, ServerEngine, kv_bytes_per_token, question_bytes,
-                                               session_state_bytes)
+from flash_vstream.serve.api.scheduler import (MemoryBudget, ServerEngine, answer_pool_bytes, kv_bytes_per_token,
+                                               question_bytes, session_state_bytes)
 from flash_vstream.serve.engine import SessionError
 from flash_vstream.serve.session import PROMPT_ROOM, state_nbytes
 from serve.test_server_support import RunningServer, assert_error, data_url, jpeg_frames
@@ -62,11 +62,14 @@ def test_session_bytes_are_a_memory_row_and_a_snapshot(tiny_config, mode):
         assert session_state_bytes(config, dtype.itemsize) == held, (mode, dtype)
 
 
-def test_question_bytes_are_its_kv_cache_and_projected_memory():
+def test_the_answer_pool_is_its_slots_of_kv_cache_and_a_question_its_prompt_embeddings():
     config = VStreamConfig(hidden_size=4096, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8,
                            intermediate_size=11008, vocab_size=32000)
     assert kv_bytes_per_token(config, 2) == 2 * 32 * 8 * 128 * 2  # K and V, every layer, bf16
-    assert question_bytes(config, 2, 681, 64) == (PROMPT_ROOM + 681 + 64) * 131072 + 681 * 4096 * 2
+    # 681 memory + 256 prompt + 64 answer = 1001 positions -> 1024 per slot
+    assert answer_pool_bytes(config, 2, 16, 64, 2048) == 16 * 1024 * 131072
+    assert answer_pool_bytes(config, 2, 1, 4000, 2048) == 2048 * 131072  # never past the context
+    assert question_bytes(config, 2, 681) == (PROMPT_ROOM + 681) * 4096 * 2
 
 
 def test_memory_budget_reserves_refuses_and_releases():
@@ -77,7 +80,7 @@ def test_memory_budget_reserves_refuses_and_releases():
     assert refused.value.status == 429 and refused.value.code == "memory_budget_exceeded"
     assert "a new session" in refused.value.message
     budget.reserve("q", "question", 40, "a question")
-    assert budget.describe() == {"total_bytes": 100, "sessions_bytes": 60, "questions_bytes": 40,
+    assert budget.describe() == {"total_bytes": 100, "sessions_bytes": 60, "answers_bytes": 0, "questions_bytes": 40,
                                  "refused": {"session": 1}}
     budget.release("a")
     budget.reserve("b", "session", 50, "a new session")
@@ -122,12 +125,14 @@ def test_new_answers_wait_while_the_ingest_lane_is_behind(tiny_model_dir):
 # --- through the real server ----------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def tight(tiny_model_dir, tiny_config, tmp_path_factory):
-    """A server whose budget holds two sessions and not one question more."""
+    """A server whose budget holds the answers' KV cache, two sessions and not one question more."""
     session = session_state_bytes(tiny_config, 4)  # the tiny model is fp32 on the CPU
-    question = question_bytes(tiny_config, 4, memory_num_tokens(3, tiny_config), 8)
-    budget = 2 * session + question // 2
+    question = question_bytes(tiny_config, 4, memory_num_tokens(3, tiny_config))
+    pool = answer_pool_bytes(tiny_config, 4, 16, 8, 2048)  # --max-batch 16 (the default), --max-tokens 8
+    budget = pool + 2 * session + question // 2
     srv = RunningServer(tiny_model_dir, "--memory-budget-gb", f"{budget / 1e9:.9f}", "--max-tokens", 8,
                         log_dir=tmp_path_factory.mktemp("logs"))
+    srv.model_dir = tiny_model_dir
     yield srv, session
     srv.stop()
 
@@ -136,6 +141,8 @@ def test_429_when_the_budget_is_full_and_room_again_when_a_session_leaves(tight,
     srv, session_bytes = tight
     text = srv.get("/metrics").text
     assert metric(text, "flash_vstream_memory_budget_bytes", kind="per_session") == session_bytes
+    assert metric(text, "flash_vstream_memory_budget_bytes", kind="answers") == answer_pool_bytes(
+        VStreamConfig.from_pretrained(srv.model_dir), 4, 16, 8, 2048)
     first, second = srv.session()["id"], srv.session()["id"]
     error = assert_error(srv.post("/v1/sessions", json={"source": {"type": "push"}}), 429, "memory_budget_exceeded")
     assert "a new session" in error["message"] and "MiB" in error["message"]

@@ -6,14 +6,15 @@ plus what only a server needs: a bound on sessions, ids, the request's source tu
 source, idle sessions reaped, client connections counted, and the two scheduling rules below.
 
 Memory budget (admission control). The accelerator holds the weights, every session's STAR memory state
-and, while a question is answered, its KV cache. `MemoryBudget` counts bytes against one total: a
+and the answers' KV cache. `MemoryBudget` counts bytes against one total: a
 session reserves its state (`session_state_bytes`: its row of the memory stack -- frame buffer, keys,
 temporal centroids, abstract slots, spatial frames -- and one published snapshot) when it is created and
-gives it back when it is deleted; a question reserves its KV cache and projected memory (`question_bytes`) from
-the moment it is accepted until its answer ends. A session or question that would pass the total is
-refused with 429 `memory_budget_exceeded` -- the request fails, never the GPU. The default total on
-CUDA is the free memory once the model is loaded, less a headroom for activations (CLIP batches,
-prefill) and the allocator's slack; on a CPU there is no default bound.
+gives it back when it is deleted; the answer lane's KV cache (`answer_pool_bytes`: `max_batch` slots of
+continuous batching) is reserved once, when the engine starts; a question reserves its prompt's embeddings
+(`question_bytes`) from the moment it is accepted until its answer ends. A session or question that
+would pass the total is refused with 429 `memory_budget_exceeded` -- the request fails, never the GPU.
+The default total on CUDA is the free memory once the model is loaded, less a headroom for activations
+(CLIP batches, prefill) and the allocator's slack; on a CPU there is no default bound.
 
 Ingest first. Answers and frames share one GPU; a frame that waits is lag a viewer sees, an answer
 that starts a little later is not. A new question is handed to the answer lane at once while every
@@ -67,11 +68,20 @@ def kv_bytes_per_token(config, dtype_bytes):
     return 2 * config.num_hidden_layers * kv_heads * head_dim * dtype_bytes
 
 
-def question_bytes(config, dtype_bytes, memory_tokens, max_tokens):
-    """What an answer holds while it runs: the KV cache of prompt text (up to PROMPT_ROOM tokens), memory
-    and answer, and the memory projected into the LLM's width."""
-    tokens = PROMPT_ROOM + memory_tokens + max_tokens
-    return tokens * kv_bytes_per_token(config, dtype_bytes) + memory_tokens * config.hidden_size * dtype_bytes
+def answer_pool_bytes(config, dtype_bytes, max_batch, max_new_tokens, context_len):
+    """The answer lane's KV cache: `max_batch` slots (runtime/batch_decoder.py), each of the positions one
+    answer takes at most (a long stream's memory, PROMPT_ROOM of prompt text, `max_new_tokens`), rounded up
+    to a multiple of 256 as the decoders align their caches."""
+    from ...model.memory import memory_num_tokens
+
+    positions = min(context_len, memory_num_tokens(10**6, config) + PROMPT_ROOM + max_new_tokens)
+    return max_batch * -(-positions // 256) * 256 * kv_bytes_per_token(config, dtype_bytes)
+
+
+def question_bytes(config, dtype_bytes, memory_tokens):
+    """What a question holds beside its slot of the answer pool, from its arrival to its answer's end: its
+    prompt's embeddings (the memory projected into the LLM's width and up to PROMPT_ROOM of text)."""
+    return (PROMPT_ROOM + memory_tokens) * config.hidden_size * dtype_bytes
 
 
 def default_budget_bytes(device):
@@ -122,26 +132,34 @@ class MemoryBudget:
             for kind, nbytes in self._held.values():
                 by_kind[kind] += nbytes
         return {"total_bytes": self.total_bytes, "sessions_bytes": by_kind["session"],
-                "questions_bytes": by_kind["question"], "refused": dict(self.refused)}
+                "answers_bytes": by_kind["answers"], "questions_bytes": by_kind["question"],
+                "refused": dict(self.refused)}
 
 
 class ServerEngine(Engine):
     """Owns the model and the lanes; the web layer calls these methods from any thread.
 
-    `budget`: a MemoryBudget; `session_bytes`: what a session reserves; `question_bytes(memory_tokens,
-    max_tokens)`: what a question reserves (None: questions reserve nothing)."""
+    `budget`: a MemoryBudget; `session_bytes`: what a session reserves; `answer_pool_bytes`: the answer
+    lane's KV cache, reserved at once; `question_bytes(memory_tokens)`: what a question reserves (None:
+    nothing); `max_batch`: the answers the lane runs at once (continuous batching)."""
 
     def __init__(self, make_stream, max_sessions=16, inbox_size=8, max_pending_questions=4, idle_timeout_s=600.0,
-                 metrics=None, open_source_fn=open_source, budget=None, session_bytes=0, question_bytes=None,
-                 ingest_lag_target_s=INGEST_LAG_TARGET_S, max_answer_defer_s=MAX_ANSWER_DEFER_S):
+                 metrics=None, open_source_fn=open_source, budget=None, session_bytes=0, answer_pool_bytes=0,
+                 question_bytes=None, ingest_lag_target_s=INGEST_LAG_TARGET_S, max_answer_defer_s=MAX_ANSWER_DEFER_S,
+                 **engine_options):
         super().__init__(inbox_size=inbox_size, on_error="session", answer_lane=True, keep_running=True,
-                         max_pending_questions=max_pending_questions, metrics=metrics)
+                         max_pending_questions=max_pending_questions, metrics=metrics, **engine_options)
         self.make_stream = make_stream  # fps -> a new StreamSession on the shared model
         self.max_sessions = int(max_sessions)
         self.idle_timeout_s = float(idle_timeout_s)
         self.open_source = open_source_fn
         self._reserved = 0  # sessions being built (their StreamSession) that count against max_sessions
         self.budget = budget if budget is not None else MemoryBudget()
+        total = self.budget.total_bytes
+        if total is not None and answer_pool_bytes + session_bytes > total:
+            raise ValueError(f"the memory budget ({total / 2**20:.1f} MiB) does not hold the answers' KV cache "
+                             f"({answer_pool_bytes / 2**20:.1f} MiB) and one session ({session_bytes / 2**20:.1f} MiB)")
+        self.budget.reserve("answer_pool", "answers", answer_pool_bytes, "the answers' KV cache")
         self.session_bytes = int(session_bytes)
         self.question_bytes = question_bytes
         if not ingest_lag_target_s > 0 or max_answer_defer_s < 0:
@@ -264,9 +282,7 @@ class ServerEngine(Engine):
                                    f"{self.max_pending_questions} questions waiting")
             key = f"question_{secrets.token_hex(8)}"
             if self.question_bytes is not None:
-                tokens = stream.session.max_new_tokens if max_tokens is None else max_tokens
-                self.budget.reserve(key, "question", self.question_bytes(snapshot.num_tokens, tokens),
-                                    f"a question of up to {tokens} tokens")
+                self.budget.reserve(key, "question", self.question_bytes(snapshot.num_tokens), "a question")
             try:
                 if self._deferred or self.ingest_backlog_s() > self.ingest_lag_target_s:
                     job = QuestionJob(question, snapshot, on_text, max_tokens, temperature, arrived=arrived)
