@@ -590,6 +590,46 @@ def print_table(report):
         f"baseline {report['largest_holding']['baseline']}")
 
 
+def plot(report, path):
+    """Latency against the number of streams: ingest lag and first token p50 / p99 of the server's levels and
+    of today's design, the targets as lines. A figure on an Agg canvas of its own (no pyplot)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(10, 4.2))
+    FigureCanvasAgg(fig)
+    panels = (("ingest_lag_s", "ingest lag (frame received -> in memory)", TARGET_LAG_S),
+              ("first_token_s", "question -> first token (at the client)", TARGET_TTFT_S))
+    for k, (key, title, target) in enumerate(panels):
+        ax = fig.add_subplot(1, 2, k + 1)
+        for kind, rows, colour in (("batched server", report["levels"], "tab:blue"),
+                                   ("one session at a time (today)", report["baseline"], "tab:grey")):
+            rows = [r for r in rows if r[key]["p50"] is not None]
+            if not rows:
+                continue
+            n = [r["streams"] for r in rows]
+            ax.plot(n, [1e3 * r[key]["p50"] for r in rows], "o-", color=colour, label=f"{kind} p50")
+            ax.plot(n, [1e3 * r[key]["p99"] for r in rows], "s--", color=colour, label=f"{kind} p99")
+            for r in rows:
+                if not r["holds"]:
+                    ax.annotate("misses", (r["streams"], 1e3 * r[key]["p99"]), textcoords="offset points",
+                                xytext=(4, 4), fontsize=7, color=colour)
+        ax.axhline(1e3 * target, color="tab:red", lw=0.8, ls=":", label=f"target p99 {1e3 * target:g} ms")
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xlabel("concurrent 1-fps streams")
+        ax.set_ylabel("ms")
+        ax.set_title(title, fontsize=10)
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=7)
+    device = report["environment"].get("device", "")
+    fig.suptitle(f"benchmarks/serve.py on {device}: {report['args'].get('preset')} weights, a question every "
+                 f"{report['args'].get('question_interval'):g} s per stream, {report['args'].get('answer_tokens')}-token "
+                 "answers", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
 def write(report, path):
     from flash_vstream.utils.files import write_json
 
@@ -637,6 +677,9 @@ def parse_args(argv=None):
     p.add_argument("--video", default=os.path.join(REPO, "assets", "example.mp4"), help="the frames sent")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--smoke", action="store_true", help="CPU smoke: levels 1,2, baseline 2, seconds-long levels")
+    p.add_argument("--plot", default=None, help="also draw latency against N into this PNG (needs matplotlib)")
+    p.add_argument("--replot", action="store_true",
+                   help="no measuring: print the table of --output's JSON and draw --plot from it")
     args = p.parse_args(argv)
     if args.smoke:
         args.levels, args.baseline_levels = "1,2", "2"
@@ -651,6 +694,13 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
+    if args.replot:
+        with open(args.output) as f:
+            report = json.load(f)
+        print_table(report)
+        if args.plot:
+            plot(report, args.plot)
+        return 0
     began = time.monotonic()
     import torch
 
@@ -733,6 +783,8 @@ def main(argv=None):
     report["seconds"] = round(time.monotonic() - began, 1)
     write(report, args.output)
     print_table(report)
+    if args.plot:
+        plot(report, args.plot)
     return 0
 
 

@@ -66,3 +66,7 @@ def test_serve_benchmark_smoke(tmp_path):
     assert report["single_session"]["ratio"] > 0
     assert set(report["largest_holding"]) == {"server", "baseline"}
     assert "largest N that holds" in run.stdout and "baseline" in run.stdout
+    png = tmp_path / "latency.png"  # the docs' plot is drawn from a report the same way
+    replot = subprocess.run([sys.executable, "-m", "benchmarks.serve", "--output", str(out), "--replot", "--plot",
+                             str(png)], cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    assert replot.returncode == 0 and png.stat().st_size > 10_000, replot.stderr
