@@ -29,10 +29,6 @@ includes the optimizer's updates and the optimizer phase is empty.
 
 With `--gpus N --compare-to` a one-GPU invocation's bench_train.json (same preset, per-GPU batch and frames),
 `scaling` holds each run's speed-up over its one-GPU twin (same stage, run and ZeRO config) and per-GPU memory.
-                               [--compare-to ONE_GPU_OUT/bench_train.json]
-
-With `--gpus N --compare-to` a one-GPU invocation's bench_train.json (same preset, per-GPU batch and frames),
-`scaling` holds each run's speed-up over its one-GPU twin (same stage, run and ZeRO config) and per-GPU memory.
 
 Throughput is steady state: the optimizer steps after the first --warmup-steps, timed from one step's end to
 the next on rank 0 (data loading included, start-up and the first steps not). The phase split synchronises
@@ -441,8 +437,6 @@ def main(argv=None):
     parser.add_argument("--zero-stage2", default=os.path.join(REPO, "scripts", "zero3.json"), help="a JSON, or none")
     parser.add_argument("--compare-to", default=None,
                         help="a one-GPU bench_train.json: report the speed-up of each run over its one-GPU twin")
-    parser.add_argument("--compare-to", default=None,
-                        help="a one-GPU bench_train.json: report the speed-up of each run over its one-GPU twin")
     args = parser.parse_args(argv)
     for name, value in PRESETS[args.preset].items():
         if getattr(args, name) is None:
@@ -491,67 +485,13 @@ def main(argv=None):
     if args.compare_to:
         with open(args.compare_to) as f:
             results["scaling"] = scaling(results, json.load(f), args.compare_to)
-    if args.compare_to:
-        with open(args.compare_to) as f:
-            results["scaling"] = scaling(results, json.load(f), args.compare_to)
     write_json(os.path.join(args.output_dir, "bench_train.json"), results)
-    if "scaling" in results:
-        print(scaling_table(results["scaling"]))
     if "scaling" in results:
         print(scaling_table(results["scaling"]))
     print(json.dumps(results["projection_7b"], indent=2))
     print(table(results))
     if any("error" in r for group in ("baseline", "stages", "variants") for r in results[group]):
         sys.exit(1)
-
-
-SCALING_TARGETS = {2: 1.9, 8: 7.0}  # speed-up over one GPU at the same per-GPU batch, per stage
-
-
-def scaling(results, one_gpu, source="--compare-to"):
-    """Speed-up of this invocation (N GPUs) over a one-GPU invocation, run by run: the one-GPU run of the same
-    stage, run name and ZeRO config, at the same per-GPU batch -> {"gpus", "compared_to", "runs": [...]}, each
-    run with both samples/s, the speed-up, the scaling efficiency (speed-up / N), both peak GiB per GPU and the
-    target where there is one. ValueError when the two invocations did not measure the same thing."""
-    if one_gpu.get("gpus") != 1:
-        raise ValueError(f"{source}: a one-GPU bench_train.json is needed; this one ran on {one_gpu.get('gpus')} GPUs")
-    for key in ("preset", "llm_params", "batch_per_gpu", "frames", "tokens_per_sample"):
-        if one_gpu.get(key) != results.get(key):
-            raise ValueError(f"{source}: {key} {one_gpu.get(key)!r} there, {results.get(key)!r} here: not the same "
-                             "measurement")
-    groups = ("baseline", "stages", "variants")
-    twins = {(r["stage"], r["run"], r["zero"]): r for g in groups for r in one_gpu.get(g, []) if "samples_per_s" in r}
-    gpus, target = results["gpus"], SCALING_TARGETS.get(results["gpus"])
-    runs = []
-    for r in (r for g in groups for r in results[g] if "samples_per_s" in r):
-        row = {"stage": r["stage"], "run": r["run"], "zero": r["zero"], "samples_per_s": r["samples_per_s"],
-               "peak_gib_per_gpu": r["peak_gib_per_gpu"]}
-        twin = twins.get((r["stage"], r["run"], r["zero"]))
-        if twin is None:
-            row["note"] = "no one-GPU run of this stage, run and ZeRO config to compare with"
-        else:
-            speedup = r["samples_per_s"] / twin["samples_per_s"]
-            row.update(one_gpu_samples_per_s=twin["samples_per_s"], speedup=speedup, efficiency=speedup / gpus,
-                       one_gpu_peak_gib_per_gpu=twin["peak_gib_per_gpu"])
-            if target is not None:
-                row.update(target=target, met=speedup >= target)
-        runs.append(row)
-    return {"gpus": gpus, "compared_to": one_gpu.get("device"), "compared_to_file": source, "runs": runs}
-
-
-def scaling_table(scaling_report):
-    n = scaling_report["gpus"]
-    rows = [f"| stage | run | ZeRO | samples/s, {n} GPUs | samples/s, 1 GPU | speed-up | efficiency | GiB/GPU, {n} | "
-            "GiB/GPU, 1 |", "|---|---|---|---|---|---|---|---|---|"]
-    for r in scaling_report["runs"]:
-        if "speedup" not in r:
-            rows.append(f"| {r['stage']} | {r['run']} | {r['zero']} | {r['samples_per_s']:.2f} | - | - | - | "
-                        f"{r['peak_gib_per_gpu']:.1f} | - |")
-            continue
-        rows.append(f"| {r['stage']} | {r['run']} | {r['zero']} | {r['samples_per_s']:.2f} | "
-                    f"{r['one_gpu_samples_per_s']:.2f} | {r['speedup']:.2f}x | {r['efficiency']:.0%} | "
-                    f"{r['peak_gib_per_gpu']:.1f} | {r['one_gpu_peak_gib_per_gpu']:.1f} |")
-    return "\n".join(rows)
 
 
 SCALING_TARGETS = {2: 1.9, 8: 7.0}  # speed-up over one GPU at the same per-GPU batch, per stage
