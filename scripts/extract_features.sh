@@ -11,7 +11,8 @@
 #   data/finetune/activitynet         -> data/finetune/video_features/activitynet
 #   data/finetune/{coco,gqa,ocr_vqa,textvqa,vg} -> data/finetune/image_features/<same>
 #
-# Environment: GPUS (comma list, default: all visible), VISION_TOWER, FPS, DTYPE, BATCH_SIZE,
+# Environment: GPUS (comma list, default: all visible), NUM_CHUNKS (processes: default one per GPU, 1 on
+# CPU; more chunks than GPUs share them round robin), VISION_TOWER, FPS, DTYPE, BATCH_SIZE,
 # NUM_WORKERS (decode threads per process), DATA (default data), DEVICE (cuda, or cpu without GPUs),
 # PYTHON. Missing folders are skipped with a message. Reruns skip finished files. Exit status 1
 # when any file failed; the failures are listed in each output folder's extract_report*.json.
@@ -40,10 +41,12 @@ if [ "$DEVICE" = cuda ]; then
 else
     GPU_LIST=("")  # one CPU process
 fi
-NUM=${#GPU_LIST[@]}
+NUM=${NUM_CHUNKS:-${#GPU_LIST[@]}}
+if ! [[ "$NUM" =~ ^[1-9][0-9]*$ ]]; then echo "error: NUM_CHUNKS must be a whole number >= 1, got '$NUM'" >&2; exit 2; fi
 FAILED=0
 
-# extract INPUT OUTPUT [more flags]: one process per GPU, each on its shard of the files
+# extract INPUT OUTPUT [more flags]: NUM processes (process i on GPU i mod the GPU count), each on its shard of
+# the files; every shard writes its own extract_report.chunk{I}of{N}.json
 extract() {
     local input=$1 output=$2
     shift 2
@@ -52,11 +55,12 @@ extract() {
         return 0
     fi
     echo "== $input -> $output ($NUM process(es), $DEVICE)"
-    local pids=() i progress
-    for i in "${!GPU_LIST[@]}"; do
+    local pids=() i progress gpu
+    for ((i = 0; i < NUM; i++)); do
         progress=()
         [ "$i" -gt 0 ] && progress=(--no-progress)  # one progress bar on the terminal
-        CUDA_VISIBLE_DEVICES=${GPU_LIST[$i]:-${CUDA_VISIBLE_DEVICES:-}} "$PYTHON" -m flash_vstream.extract_features \
+        gpu=${GPU_LIST[$((i % ${#GPU_LIST[@]}))]}
+        CUDA_VISIBLE_DEVICES=${gpu:-${CUDA_VISIBLE_DEVICES:-}} "$PYTHON" -m flash_vstream.extract_features \
             --input "$input" --output "$output" --vision-tower "$VISION_TOWER" \
             --fps "$FPS" --dtype "$DTYPE" --device "$DEVICE" --batch-size "$BATCH_SIZE" \
             --num-workers "$NUM_WORKERS" --num-chunks "$NUM" --chunk-idx "$i" "${progress[@]}" "$@" &
