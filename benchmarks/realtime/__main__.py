@@ -62,6 +62,11 @@ def parse_args(argv=None):
                    help="torch.compile mode of the decode step (e.g. max-autotune-no-cudagraphs; default: inductor's)")
     p.add_argument("--clip-compile-mode", default=None,
                    help="torch.compile mode of the batched CLIP layers (e.g. max-autotune-no-cudagraphs)")
+    p.add_argument("--quantized", type=lambda t: tuple(x for x in t.split(",") if x), default=(),
+                   help="int8,int4: the decode and streaming sections again with the LLM quantized (section "
+                        "'quantized', after the others)")
+    p.add_argument("--decode-variants", type=lambda t: tuple(x for x in t.split(",") if x), default=(),
+                   help="only these decoder variants in the decode sections (e.g. triton_compiled_cuda_graph)")
     p.add_argument("--time-budget-s", type=float, default=None, help="sections shorten or skip past this")
     p.add_argument("--hard-limit-s", type=float, default=None,
                    help="watchdog: dump every thread's traceback and exit after this many seconds, even when "
@@ -83,6 +88,9 @@ def parse_args(argv=None):
             setattr(args, name, preset[name])
     if args.dtype is None:
         args.dtype = "bf16" if args.device.startswith("cuda") else "fp32"
+    bad = set(args.quantized) - {"int8", "int4"}
+    if bad:
+        p.error(f"unknown --quantized schemes {sorted(bad)}; known: int8, int4")
     unknown = set(args.skip) - set(SECTIONS)
     if unknown:
         p.error(f"unknown --skip sections {sorted(unknown)}; known: {', '.join(SECTIONS)}")

@@ -17,10 +17,16 @@
   baseline_full_context     (a) every frame's 64 tokens in the prompt: prefill time until out of memory.
   extraction       batched CLIP frames/s at batch 64/128/256: stock vs fast encoder eager vs
                    regional torch.compile (one compiled graph shared by all layers and batch sizes).
+  quantized        (--quantized int8,int4) the decode and streaming sections again over the LLM quantized
+                   from the same weights (model/quantization.py): the bf16 model goes to the CPU as the
+                   source, each scheme is quantized layer by layer onto the GPU from a copy of it; last,
+                   so that the peak memory it records is the quantized path's alone.
 
 Each section records its status, notes and fallbacks; a failed section does not stop the others.
 """
 
+import copy
+import dataclasses
 import time
 import traceback
 
@@ -30,7 +36,7 @@ import torch._dynamo
 
 from benchmarks.common import log, peak_gb, repeat_ms, reset_peak, timed_ms
 from benchmarks.realtime.baselines import full_context, upstream_buffer_copy
-from benchmarks.realtime.build import new_decoder
+from benchmarks.realtime.build import new_decoder, new_fast_path
 from benchmarks.realtime.split import section_vision_split
 from flash_vstream.runtime.cuda_utils import free_memory, sync
 from flash_vstream.runtime.triton_kernels import usable
@@ -38,7 +44,7 @@ from flash_vstream.utils.stats import summary as _summary
 
 # run in this order: the targets first, the slow optional compile last (bench.json is saved after each)
 SECTIONS = ("clip_one_frame", "decode", "streaming", "vision_split", "baseline_upstream_buffer",
-            "baseline_full_context", "extraction")
+            "baseline_full_context", "extraction", "quantized")
 COMPILE_MIN_TIME_S = 150  # don't start the CLIP compile with less budget left than this
 EXTRACTION_RESERVE_S = 180  # the full-context baseline leaves this much of the budget to extraction
 
@@ -93,11 +99,16 @@ def snapshot_tokens(b, frames=30):
 DECODER_VARIANTS = (("static_cache_eager", False, False, False, False), ("cuda_graph", True, False, False, False),
                     ("compiled_cuda_graph", True, True, False, False),
                     ("fused_compiled_cuda_graph", True, True, True, False),
+                    ("triton_cuda_graph", True, False, True, True),
                     ("triton_compiled_cuda_graph", True, True, True, True))
+# the quantized rows: the Triton products reading int8 / int4 (the other steps dequantize every weight)
+QUANTIZED_VARIANTS = DECODER_VARIANTS[-2:]
 
 
-def section_decode(b, out):
+def section_decode(b, out, variants=DECODER_VARIANTS):
     device, answer, reps = b.device, b.args.answer_tokens, b.preset["repeats"]
+    if b.args.decode_variants:  # --decode-variants: only those
+        variants = [v for v in variants if v[0] in b.args.decode_variants] or variants[-1:]
     tokens = snapshot_tokens(b)
     out.update(memory_tokens=int(tokens.shape[0]), prompt_tokens=len(b.prompt_ids) - 1 + int(tokens.shape[0]),
                answer_tokens=answer, variants={}, compile_mode=b.args.decode_compile_mode or "default")
@@ -116,8 +127,8 @@ def section_decode(b, out):
 
     # GreedyDecoder: static cache, then + CUDA graph of the step, then + compiled step
     best, best_rate, reference = None, -1.0, None
-    for name, graph, compiled, fused, triton in DECODER_VARIANTS:
-        if triton and not usable(b.model.lm_head.weight):
+    for name, graph, compiled, fused, triton in variants:
+        if triton and not usable(b.model.get_model().embed_tokens.weight):
             out["notes"].append(f"{name} skipped: Triton does not run on {device}")
             continue
         if graph and device.type != "cuda":
@@ -167,6 +178,8 @@ def section_decode(b, out):
         del decoder
         free_memory(device)
         b.report.save()
+    if best is None:
+        raise RuntimeError(f"no decoder variant ran on {device}: {'; '.join(out['notes'])}")
     name, decoder = best
     b.decoder = decoder
     fast = {"variant": name, "mode": decoder.mode,
@@ -417,6 +430,54 @@ def section_full_context(b, out):
                       "(default dynamic cache, SDPA) + argmax; features precomputed, CLIP not counted")
 
 
+def section_quantized(b, out):
+    """The decode and streaming measurements over each --quantized scheme (see the module docstring)."""
+    from flash_vstream.model.quantization import quantize_model, quantized_bytes
+
+    schemes, device = b.args.quantized, b.device
+    b.decoder = None  # the bf16 decoders, caches and compiled steps go first
+    torch._dynamo.reset()
+    source = b.model.to("cpu")  # in place: the bf16 weights leave the GPU; later sections would need them back
+    free_memory(device)
+    out.update(schemes={}, source="the bench's bf16 LLM, on the CPU; each scheme quantized from a copy",
+               resident_before_gb=round(torch.cuda.memory_allocated(device) / 1e9, 3) if device.type == "cuda" else None)
+    for scheme in schemes:
+        entry = out["schemes"][scheme] = {"status": "pending", "notes": []}
+        b.report.save()
+        try:
+            model = copy.deepcopy(source)
+            reset_peak(device)
+            ms, _ = timed_ms(device, quantize_model, model, scheme, device)
+            entry.update(quantize_s=round(ms / 1e3, 1), quantize_peak_gb=peak_gb(device),
+                         llm_gb=round(quantized_bytes(model) / 1e9, 3), layers=model.quantization["layers"])
+            log(f"  {scheme}: quantized in {entry['quantize_s']} s, LLM {entry['llm_gb']} GB, "
+                f"peak while quantizing {entry['quantize_peak_gb']} GB")
+            q = dataclasses.replace(b, model=model, decoder=None)
+            q.fast_path = new_fast_path(q)
+            entry["decode"] = {"notes": []}
+            # off CUDA (the smoke run) the plain static-cache loop, over the dequantizing forward
+            section_decode(q, entry["decode"], variants=QUANTIZED_VARIANTS if device.type == "cuda"
+                           else DECODER_VARIANTS[:1])
+            b.report.save()
+            if "streaming" not in b.args.skip:
+                entry["streaming"] = {"notes": []}
+                section_streaming(q, entry["streaming"])
+            entry["status"] = "ok"
+        except Exception as error:  # noqa: BLE001 -- one scheme failing must not lose the other
+            entry.update(status="failed", error=f"{type(error).__name__}: {error}"[:2000],
+                         traceback=traceback.format_exc().splitlines()[-15:])
+            log(f"  {scheme} FAILED: {type(error).__name__}: {str(error)[:300]}")
+        finally:
+            q = model = None
+            torch._dynamo.reset()
+            free_memory(device)
+            b.report.save()
+    b.model = source  # on the CPU: nothing after this section uses the GPU model
+    failed = [k for k, v in out["schemes"].items() if v["status"] != "ok"]
+    if failed:
+        raise RuntimeError(f"quantized schemes failed: {failed}")
+
+
 SECTION_FUNCTIONS = {
     "clip_one_frame": section_clip_one_frame,
     "decode": section_decode,
@@ -425,6 +486,7 @@ SECTION_FUNCTIONS = {
     "extraction": section_extraction,
     "baseline_upstream_buffer": section_upstream_buffer,
     "baseline_full_context": section_full_context,
+    "quantized": section_quantized,
 }
 
 
@@ -432,6 +494,10 @@ def run_section(b, name):
     out = b.report.section(name)
     if name in b.args.skip:
         out.update(status="skipped", reason="--skip")
+        b.report.save()
+        return
+    if name == "quantized" and not b.args.quantized:
+        out.update(status="skipped", reason="no --quantized schemes")
         b.report.save()
         return
     if b.time_left() < 5:

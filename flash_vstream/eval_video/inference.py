@@ -369,8 +369,8 @@ def build_parser():
     p.add_argument("--device", default=None, help="cpu | cuda | cuda:N (default: cuda when available)")
     p.add_argument("--dtype", choices=("fp16", "bf16", "fp32"), default=None,
                    help="default: fp16 on GPU, fp32 on CPU")
-    p.add_argument("--load-8bit", action="store_true")
-    p.add_argument("--load-4bit", action="store_true")
+    p.add_argument("--load-8bit", action="store_true", help="the LLM's linear layers in int8 (per output channel)")
+    p.add_argument("--load-4bit", action="store_true", help="the LLM's linear layers in int4 (groups of 128)")
     p.add_argument("--on-mismatch", choices=("fresh", "refuse"), default="fresh",
                    help="output holds another model's answers: move it aside (fresh) or stop with exit 3")
     p.add_argument("--fail-on-error", action="store_true",

@@ -7,6 +7,9 @@
 - a LoRA output (`adapter_config.json`) on top of `model_base`, merged on load.
 
 Dispatch is on the config's `model_type` and on the files present, never on the folder name.
+`load_8bit` / `load_4bit` quantize the LLM's linear layers after loading (model/quantization.py): the
+checkpoint is read on the CPU and each layer quantized on the target device in turn, so the
+full-precision LLM is never on the GPU whole.
 """
 
 import contextlib
@@ -78,6 +81,9 @@ def load_pretrained_model(model_path, model_base=None, model_name=None, load_8bi
     the architecture. `device="cpu"` loads in fp32 on the CPU. `vision_device` (e.g. "cuda:1"): the
     CLIP tower there instead of beside the LLM (the realtime CLI and server check it first:
     runtime/devices.py `vision_placement`).
+    `load_8bit` / `load_4bit`: weight-only int8 (per output channel) / int4 (groups of 128) for the LLM's
+    projections and LM head, on `device` ("cuda" = the current GPU); the projector, the Semantic Attention
+    and CLIP stay in the model's dtype.
     """
     if load_8bit and load_4bit:
         raise ValueError("choose one of load_8bit / load_4bit")
@@ -85,18 +91,13 @@ def load_pretrained_model(model_path, model_base=None, model_name=None, load_8bi
         device = f"cuda:{torch.cuda.current_device()}"  # "auto" would spread the LLM over every visible GPU
     dtype = _dtype_for(device, torch_dtype)
     kwargs = {"dtype": dtype, "attn_implementation": attn_implementation or "sdpa"}
-    if str(device).startswith("cpu"):
-        device_map = None
+    quantize = "int8" if load_8bit else "int4" if load_4bit else None
+    if str(device).startswith("cpu") or quantize:
+        device_map = None  # quantized: read on the CPU, quantized layer by layer onto `device` below
     elif device_map == "auto" and device != "cuda":
         device_map = {"": device}
     if device_map is not None:
         kwargs["device_map"] = device_map
-    if load_8bit or load_4bit:
-        from transformers import BitsAndBytesConfig
-
-        kwargs["quantization_config"] = BitsAndBytesConfig(
-            load_in_8bit=load_8bit, load_in_4bit=load_4bit, bnb_4bit_compute_dtype=dtype,
-            bnb_4bit_use_double_quant=True, bnb_4bit_quant_type="nf4")
 
     is_adapter = os.path.isfile(os.path.join(model_path, ADAPTER_FILE)) and not any(
         f.endswith((".safetensors", ".bin")) and f != ADAPTER_FILE and not f.startswith("training_args")
@@ -133,7 +134,11 @@ def load_pretrained_model(model_path, model_base=None, model_name=None, load_8bi
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.unk_token
     tokenizer.padding_side = "right"
-    if device_map is None and not (load_8bit or load_4bit):
+    if quantize:
+        from .quantization import quantize_model
+
+        quantize_model(model, quantize, device=device)
+    elif device_map is None:
         model.to(device)
 
     image_processor = None

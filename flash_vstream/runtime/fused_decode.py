@@ -13,13 +13,20 @@ It reads and writes the K/V tensors of the transformers `StaticCache` that the m
 fills, so a prompt prefilled by the model continues here. Only the plain LLaMA layer is supported
 (no projection biases, one tensor-parallel slice); `FusedDecodeStep` raises `NotImplementedError`
 for anything else and the decoder keeps the model's own step.
+
+Quantized weights (model/quantization.py: int8 per channel, int4 in groups) run the same step: fused the
+same way, each product then reads a `QuantizedWeight` -- the Triton kernel straight from the int8 / int4
+values and their scales, otherwise (CPU) a dequantized copy through `F.linear`.
 """
 
 import torch.nn.functional as F
 from torch import nn
 
+from ..model.quantization import QuantizedLinear, QuantizedWeight, weight_of
 from . import triton_kernels
 from .fusing import fuse_linears, fused_tensors
+
+LINEARS = (nn.Linear, QuantizedLinear)
 
 
 def _check_supported(model):
@@ -27,13 +34,13 @@ def _check_supported(model):
     if getattr(config, "pretraining_tp", 1) not in (None, 1):
         raise NotImplementedError("pretraining_tp > 1")
     head = getattr(model, "lm_head", None)
-    if not isinstance(head, nn.Linear) or head.bias is not None:
-        raise NotImplementedError("the LM head is not a plain bias-free nn.Linear")
+    if not isinstance(head, LINEARS) or head.bias is not None:
+        raise NotImplementedError("the LM head is not a plain bias-free nn.Linear (or a quantized one)")
     for i, layer in enumerate(model.get_model().layers):
         projections = [getattr(getattr(layer, part, None), name, None) for part, names in (
             ("self_attn", ("q_proj", "k_proj", "v_proj", "o_proj")), ("mlp", ("gate_proj", "up_proj", "down_proj")))
             for name in names]
-        if not all(isinstance(p, nn.Linear) for p in projections):
+        if not all(isinstance(p, LINEARS) for p in projections):
             raise NotImplementedError(f"layer {i} is not a plain LLaMA layer")
         if any(p.bias is not None for p in projections):
             raise NotImplementedError(f"layer {i} has projection biases")
@@ -41,8 +48,12 @@ def _check_supported(model):
 
 def fuse_projections(model):
     """Fuse every layer's q/k/v and gate/up weights in place (same values, same memory; idempotent).
-    Returns [(qkv (Nq + 2 Nkv, H), gate_up (2 I, H))] per layer."""
+    Returns [(qkv (Nq + 2 Nkv, H), gate_up (2 I, H))] per layer. Quantized layers on CUDA also get the
+    Triton kernels for their own forward (prefill, `generate`): `QuantizedLinear.kernels`."""
     _check_supported(model)
+    for module in model.modules():
+        if isinstance(module, QuantizedLinear) and triton_kernels.usable(module.qweight):
+            module.kernels = triton_kernels
     fused = []
     for layer in model.get_model().layers:
         attn, mlp = layer.self_attn, layer.mlp
@@ -101,7 +112,7 @@ class FusedDecodeStep:
             raise NotImplementedError(f"the Triton step cannot fold in {foldable}")
         self.weights = fused_projections(model)
         if triton is None:
-            triton = triton_kernels.usable(self.weights[0][0]) and foldable is True
+            triton = triton_kernels.usable(self.body.embed_tokens.weight) and foldable is True
         self.triton = bool(triton)
 
     def _foldable(self):
@@ -119,14 +130,20 @@ class FusedDecodeStep:
 
     def _product(self, x, weight, norm=None, gated=False, residual=None):
         """weight @ f(x) (+ residual), f: `norm` (an RMSNorm module) or SiLU(gate) * up of x = [gate | up]."""
+        quantized = isinstance(weight, QuantizedWeight)
         if self.triton:
             eps = norm.variance_epsilon if norm is not None else 0.0
+            if quantized:
+                return triton_kernels.gemv(x, weight.qweight, None if norm is None else norm.weight, eps, gated,
+                                           residual, scales=weight.scales, zeros=weight.zeros,
+                                           group_size=weight.group_size).view(1, 1, -1)
             return triton_kernels.gemv(x, weight, None if norm is None else norm.weight, eps, gated,
                                        residual).view(1, 1, -1)
         if gated:
             gate, up = x.chunk(2, dim=-1)
             x = self.body.layers[0].mlp.act_fn(gate) * up
-        y = F.linear(x if norm is None else norm(x), weight)
+        x = x if norm is None else norm(x)
+        y = F.linear(x, weight.dequantize(x.dtype) if quantized else weight)
         return y if residual is None else residual + y
 
     def __call__(self, ids, position, mask, cache):
@@ -144,7 +161,7 @@ class FusedDecodeStep:
             attn = F.scaled_dot_product_attention(q, kv.keys, kv.values, attn_mask=mask, scale=self.scaling,
                                                   enable_gqa=self.gqa)  # (1, heads, 1, hd)
             attn = attn.transpose(1, 2).reshape(1, 1, -1)
-            hidden = self._product(attn, layer.self_attn.o_proj.weight, residual=hidden)
+            hidden = self._product(attn, weight_of(layer.self_attn.o_proj), residual=hidden)
             gate_up = self._product(hidden, gate_up_w, norm=layer.post_attention_layernorm)
-            hidden = self._product(gate_up, layer.mlp.down_proj.weight, gated=True, residual=hidden)
-        return self._product(hidden, self.model.lm_head.weight, norm=body.norm).view(1, -1)  # (1, vocab)
+            hidden = self._product(gate_up, weight_of(layer.mlp.down_proj), gated=True, residual=hidden)
+        return self._product(hidden, weight_of(self.model.lm_head), norm=body.norm).view(1, -1)  # (1, vocab)

@@ -5,6 +5,10 @@ of each layer), always as a step of its own (`FastPath.fuse_weights()`, `FastVis
 it re-points the model's parameters, and CUDA graphs captured before it would read freed memory. One
 large product reads its weights closer to the memory bandwidth than three small ones, and costs one
 launch instead of three.
+
+Quantized layers (`model.quantization.QuantizedLinear`) fuse the same way: their int8 / packed int4
+values, scales and zeros all have one row per output, so each is concatenated along its rows, and the
+fused weight comes back as one `QuantizedWeight`.
 """
 
 import torch
@@ -22,31 +26,58 @@ def _is_fused(parts, fused):
     return start == fused.shape[0]
 
 
+def _quantized(linears, name):
+    """Whether `linears` are quantized layers (all of them, of one scheme) or plain ones (all)."""
+    from ..model.quantization import QuantizedLinear
+
+    kinds = {isinstance(linear, QuantizedLinear) for linear in linears}
+    if len(kinds) > 1:
+        raise ValueError(f"{name}: some of the layers to fuse are quantized and some are not")
+    if kinds == {True} and len({(linear.bits, linear.group_size, linear.in_features) for linear in linears}) > 1:
+        raise ValueError(f"{name}: the quantized layers to fuse differ in bits, group size or inputs")
+    return kinds == {True}
+
+
+def _kinds(linears, name):
+    """The tensors fused and how the result is returned: (names, quantized)."""
+    if _quantized(linears, name):
+        return ("qweight", "scales") + (("zeros",) if linears[0].bits == 4 else ()), True
+    has_bias = all(linear.bias is not None for linear in linears)
+    if not has_bias and any(linear.bias is not None for linear in linears):
+        raise ValueError(f"{name}: some of the layers to fuse have a bias and some do not")
+    return (("weight", "bias") if has_bias else ("weight",)), False
+
+
+def _result(tensors, kinds, quantized, linears):
+    if quantized:
+        from ..model.quantization import QuantizedWeight
+
+        return QuantizedWeight(**dict(zip(kinds, tensors)), group_size=linears[0].group_size), None
+    return tensors[0], tensors[1] if len(tensors) > 1 else None
+
+
 def fused_tensors(linears, owner, name):
     """(weight, bias or None) of `fuse_linears(linears, owner, name)` when the modules still point into
     them, else None. Reads only: nothing is fused here."""
-    has_bias = all(linear.bias is not None for linear in linears)
-    kinds = ("weight", "bias") if has_bias else ("weight",)
+    kinds, quantized = _kinds(linears, name)
     cached = [getattr(owner, f"{name}_{kind}", None) for kind in kinds]
     if all(c is not None and _is_fused([getattr(linear, kind) for linear in linears], c)
            for c, kind in zip(cached, kinds)):
-        return cached[0], cached[1] if has_bias else None
+        return _result(cached, kinds, quantized, linears)
     return None
 
 
 def fuse_linears(linears, owner, name):
     """Point these `nn.Linear`s' weights (and biases, if all have one) at consecutive row slices of one new
-    tensor each -> (weight (sum of outputs, inputs), bias (sum of outputs,) or None).
+    tensor each -> (weight (sum of outputs, inputs), bias (sum of outputs,) or None). For quantized layers
+    -> (`QuantizedWeight` of the fused qweight, scales and zeros, None).
 
     The same values and the same memory: the old tensors are freed, and the modules keep working for
     every other code path. The fused tensors are kept as plain attributes `owner.<name>_weight` and
     `owner.<name>_bias` (not parameters or buffers: `state_dict` is unchanged). Idempotent while the
     modules still point into them; after a reload or `.to()` replaced a weight, they are built again.
     """
-    has_bias = all(linear.bias is not None for linear in linears)
-    if not has_bias and any(linear.bias is not None for linear in linears):
-        raise ValueError(f"{name}: some of the layers to fuse have a bias and some do not")
-    kinds = ("weight", "bias") if has_bias else ("weight",)
+    kinds, quantized = _kinds(linears, name)
     cached = fused_tensors(linears, owner, name)
     if cached is not None:
         return cached
@@ -58,8 +89,9 @@ def fuse_linears(linears, owner, name):
             for linear in linears:
                 old = getattr(linear, kind)
                 rows = old.shape[0]
-                setattr(linear, kind, nn.Parameter(tensor[start:start + rows], requires_grad=old.requires_grad))
+                part = tensor[start:start + rows]  # a quantized layer's tensors are buffers: no Parameter
+                setattr(linear, kind, part if quantized else nn.Parameter(part, requires_grad=old.requires_grad))
                 start += rows
             setattr(owner, f"{name}_{kind}", tensor)
             fused.append(tensor)
-    return fused[0], fused[1] if has_bias else None
+    return _result(fused, kinds, quantized, linears)

@@ -40,9 +40,11 @@ def _require(name):
 if triton is not None:
 
     @triton.jit
-    def _gemv_kernel(x_ptr, w_ptr, out_ptr, norm_ptr, residual_ptr, n, eps, k: tl.constexpr,
-                     NORM: tl.constexpr, GATED: tl.constexpr, RESIDUAL: tl.constexpr,
+    def _gemv_kernel(x_ptr, w_ptr, out_ptr, norm_ptr, residual_ptr, scale_ptr, n, eps, k: tl.constexpr,
+                     NORM: tl.constexpr, GATED: tl.constexpr, RESIDUAL: tl.constexpr, SCALED: tl.constexpr,
                      BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN: tl.constexpr):
+        # SCALED: w holds int8 values, row r of the real weight being scale[r] * w[r] (one scale per output
+        # channel factors out of the row's sum)
         rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         row_ok = rows < n
         acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
@@ -73,6 +75,8 @@ if triton is not None:
                 w = tl.load(tile, mask=row_ok[:, None] & col_ok[None, :], other=0.0, eviction_policy="evict_first")
             acc += w.to(tl.float32) * x[None, :]
         y = tl.sum(acc, axis=1)
+        if SCALED:
+            y = y * tl.load(scale_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)
         if NORM:
             y = y * tl.rsqrt(tl.sum(squares, axis=0) / k + eps)
         if RESIDUAL:
@@ -142,9 +146,109 @@ if triton is not None:
         out = out_ptr + image.to(tl.int64) * n * width + rows[:, None] * width + head * HEAD_DIM + dims[None, :]
         tl.store(out, (acc / total[:, None]).to(out_ptr.dtype.element_ty), mask=row_ok[:, None])
 
+    @triton.jit
+    def _input_pair(x_ptr, norm_ptr, cols, k: tl.constexpr, NORM: tl.constexpr, GATED: tl.constexpr):
+        """The product's input at columns 2c and 2c + 1 for packed columns `cols` (one int4 byte holds
+        those two), gated, and scaled by the norm weight -> (even, odd, their squares before the norm
+        weight). x is small and cached: its loads are always masked."""
+        ok = cols < k // 2
+        even = tl.load(x_ptr + 2 * cols, mask=ok, other=0.0).to(tl.float32)
+        odd = tl.load(x_ptr + 2 * cols + 1, mask=ok, other=0.0).to(tl.float32)
+        if GATED:  # x holds [gate | up]
+            up_even = tl.load(x_ptr + k + 2 * cols, mask=ok, other=0.0).to(tl.float32)
+            up_odd = tl.load(x_ptr + k + 2 * cols + 1, mask=ok, other=0.0).to(tl.float32)
+            even = even * tl.sigmoid(even) * up_even
+            odd = odd * tl.sigmoid(odd) * up_odd
+        squares = even * even + odd * odd
+        if NORM:
+            even = even * tl.load(norm_ptr + 2 * cols, mask=ok, other=0.0).to(tl.float32)
+            odd = odd * tl.load(norm_ptr + 2 * cols + 1, mask=ok, other=0.0).to(tl.float32)
+        return even, odd, squares
+
+    @triton.jit
+    def _gemv_int4_kernel(x_ptr, w_ptr, scale_ptr, zero_ptr, out_ptr, norm_ptr, residual_ptr, n, eps,
+                          k: tl.constexpr, GROUP: tl.constexpr, NORM: tl.constexpr, GATED: tl.constexpr,
+                          RESIDUAL: tl.constexpr, BLOCK_N: tl.constexpr, GROUPS: tl.constexpr, EVEN: tl.constexpr):
+        # w: (n, k / 2) bytes, byte c of a row holding the row's 4-bit values at columns 2c (low nibble) and
+        # 2c + 1 (high); the real weight of group g (GROUP columns) is q * scale[r, g] + zero[r, g]. A
+        # program takes BLOCK_N rows and GROUPS groups per iteration (unrolled: independent loads in flight)
+        rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+        row_ok = rows < n
+        HALF: tl.constexpr = GROUP // 2
+        groups: tl.constexpr = k // GROUP
+        acc = tl.zeros((BLOCK_N, HALF), dtype=tl.float32)
+        squares = tl.zeros((HALF,), dtype=tl.float32)
+        for first in range(0, groups, GROUPS):
+            for j in tl.static_range(GROUPS):
+                cols = (first + j) * HALF + tl.arange(0, HALF)  # packed columns of group first + j
+                even, odd, sq = _input_pair(x_ptr, norm_ptr, cols, k, NORM, GATED)
+                squares += sq
+                tile = w_ptr + rows[:, None] * (k // 2) + cols[None, :]
+                if EVEN:
+                    packed = tl.load(tile, eviction_policy="evict_first")
+                    scale = tl.load(scale_ptr + rows * groups + first + j).to(tl.float32)
+                    zero = tl.load(zero_ptr + rows * groups + first + j).to(tl.float32)
+                else:
+                    ok = row_ok & (first + j < groups)
+                    packed = tl.load(tile, mask=ok[:, None] & (cols[None, :] < k // 2), other=0,
+                                     eviction_policy="evict_first")
+                    scale = tl.load(scale_ptr + rows * groups + first + j, mask=ok, other=0.0).to(tl.float32)
+                    zero = tl.load(zero_ptr + rows * groups + first + j, mask=ok, other=0.0).to(tl.float32)
+                low = (packed & 15).to(tl.float32)
+                high = (packed >> 4).to(tl.float32)
+                # sum over the group of (q s + z) x = s * sum(q x) + z * sum(x), element-wise until the end
+                acc += scale[:, None] * (low * even[None, :] + high * odd[None, :]) + zero[:, None] * (even + odd)[None, :]
+        y = tl.sum(acc, axis=1)
+        if NORM:
+            y = y * tl.rsqrt(tl.sum(squares, axis=0) / k + eps)
+        if RESIDUAL:
+            y += tl.load(residual_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)
+        tl.store(out_ptr + rows, y.to(out_ptr.dtype.element_ty), mask=row_ok)
+
+    @triton.jit
+    def _qmatmul_kernel(x_ptr, w_ptr, scale_ptr, zero_ptr, out_ptr, m, n, k: tl.constexpr, INT4: tl.constexpr,
+                        GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                        PRECISION: tl.constexpr):
+        # x (m, k) times a quantized (n, k) weight transposed -> (m, n): weight tiles dequantized in registers
+        # to x's dtype, then tl.dot. int8: (n, k) values, one scale per row, applied after the sum.
+        # int4: packed as in _gemv_int4_kernel; the even and odd columns are two products of half width
+        rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+        outs = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+        row_ok, out_ok = rows < m, outs < n
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        if INT4:
+            HALF: tl.constexpr = GROUP // 2
+            groups: tl.constexpr = k // GROUP
+            for g in range(0, groups):
+                cols = g * HALF + tl.arange(0, HALF)
+                x_at = x_ptr + rows[:, None] * k + 2 * cols[None, :]
+                even = tl.load(x_at, mask=row_ok[:, None], other=0.0)  # (BLOCK_M, HALF)
+                odd = tl.load(x_at + 1, mask=row_ok[:, None], other=0.0)
+                packed = tl.load(w_ptr + outs[:, None] * (k // 2) + cols[None, :], mask=out_ok[:, None], other=0)
+                scale = tl.load(scale_ptr + outs * groups + g, mask=out_ok, other=0.0).to(tl.float32)[:, None]
+                zero = tl.load(zero_ptr + outs * groups + g, mask=out_ok, other=0.0).to(tl.float32)[:, None]
+                low = ((packed & 15).to(tl.float32) * scale + zero).to(even.dtype)  # (BLOCK_N, HALF)
+                high = ((packed >> 4).to(tl.float32) * scale + zero).to(even.dtype)
+                acc = tl.dot(even, tl.trans(low), acc, input_precision=PRECISION)
+                acc = tl.dot(odd, tl.trans(high), acc, input_precision=PRECISION)
+        else:
+            for start in range(0, k, BLOCK_K):
+                cols = start + tl.arange(0, BLOCK_K)
+                col_ok = cols < k
+                a = tl.load(x_ptr + rows[:, None] * k + cols[None, :], mask=row_ok[:, None] & col_ok[None, :],
+                            other=0.0)
+                w = tl.load(w_ptr + outs[:, None] * k + cols[None, :], mask=out_ok[:, None] & col_ok[None, :],
+                            other=0)
+                acc = tl.dot(a, tl.trans(w.to(a.dtype)), acc, input_precision=PRECISION)
+            acc = acc * tl.load(scale_ptr + outs, mask=out_ok, other=0.0).to(tl.float32)[None, :]
+        out = out_ptr + rows[:, None] * n + outs[None, :]
+        tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & out_ok[None, :])
+
 def gemv_config(n, k):
     """(BLOCK_N, BLOCK_K, num_warps) of the matrix-vector kernel for an (n, k) weight: the fastest of a
     sweep on an H100 for each 7B shape (docs/benchmarks.md)."""
+    if n * k <= 1 << 20:  # small matrices (tiny models, the CPU tests): 16 rows a program, few programs
+        return 16, 1024, 4
     if k > 8192:  # down_proj (4096 x 11008): short blocks along k (11008 = 43 x 256, no masks)
         return 4, 256, 8
     if n <= 4096:  # o_proj: two rows a program, to have enough programs in flight
@@ -168,30 +272,109 @@ def multiprocessors(device):
     return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
 
 
-def gemv(x, weight, norm=None, eps=0.0, gated=False, residual=None, config=None):
-    """`weight` (N, K) times one vector -> (N,) in `weight`'s dtype.
+def gemv_int4_config(n, k, group_size=128):
+    """(BLOCK_N, GROUPS, num_warps) of the int4 matrix-vector kernel for an (n, k) weight: 16 rows of
+    1 KB group loads (at group size 128) by 2 warps, 16 bytes a thread; 8 groups unrolled per iteration,
+    or fewer so that they divide the row's groups (down_proj's 86)."""
+    groups = k // group_size
+    return 16, next(g for g in (8, 4, 2, 1) if groups % g == 0), 2
+
+
+def _check_quantized(name, weight, scales, zeros, group_size, n_k):
+    """(n, k) of a quantized weight, checked: int8 (n, k) with (n,) scales, or uint8 (n, k / 2) with
+    (n, k / group_size) scales and zeros."""
+    n = weight.shape[0]
+    if weight.dtype == torch.int8:
+        k = weight.shape[1]
+        if scales.shape != (n,) or zeros is not None:
+            raise ValueError(f"{name}: an int8 ({n}, {k}) weight takes ({n},) scales and no zeros")
+    elif weight.dtype == torch.uint8:
+        k = 2 * weight.shape[1]
+        if group_size is None or group_size < 32 or group_size & (group_size - 1) or k % group_size:
+            raise ValueError(f"{name}: int4 group size {group_size} must be a power of two >= 32 dividing {k}")
+        groups = (n, k // group_size)
+        if zeros is None or scales.shape != groups or zeros.shape != groups:
+            raise ValueError(f"{name}: an int4 ({n}, {k}) weight in groups of {group_size} takes {groups} "
+                             "scales and zeros")
+    else:
+        raise ValueError(f"{name}: a quantized weight is int8 or packed uint8, not {weight.dtype}")
+    if not weight.is_contiguous() or not scales.is_contiguous() or zeros is not None and not zeros.is_contiguous():
+        raise ValueError(f"{name}: the weight, scales and zeros must be contiguous")
+    if n_k is not None and n_k != k:
+        raise ValueError(f"{name}: {n_k} input values for a ({n}, {k}) weight")
+    return n, k
+
+
+def gemv(x, weight, norm=None, eps=0.0, gated=False, residual=None, config=None, scales=None, zeros=None,
+         group_size=None):
+    """`weight` (N, K) times one vector -> (N,) in `weight`'s dtype (in x's for a quantized weight).
 
     x: K values (any shape), or 2K values [gate | up] with `gated` (the input is silu(gate) * up).
     norm: an RMSNorm weight (K,): the input is first RMS-normalised with `eps` and scaled by it.
     residual: N values added to the result.
+    scales (and zeros): a quantized weight. int8 `weight` (N, K) with per-row `scales` (N,): the weight is
+    scales[:, None] * weight. Packed int4 `weight` uint8 (N, K / 2) (byte c: column 2c in the low nibble,
+    2c + 1 in the high) with `scales`, `zeros` (N, K / group_size): weight = q * scale + zero per group.
+    config: (BLOCK_N, BLOCK_K, num_warps), for int4 (BLOCK_N, groups per iteration, num_warps).
     """
     _require("gemv")
+    x = x.reshape(-1)
+    if scales is not None and weight.dtype == torch.uint8:
+        n, k = _check_quantized("gemv", weight, scales, zeros, group_size, x.numel() // (2 if gated else 1))
+        if x.numel() != (2 * k if gated else k):
+            raise ValueError(f"gemv: {x.numel()} input values for a ({n}, {k}) weight (gated={gated})")
+        block_n, groups, warps = config or gemv_int4_config(n, k, group_size)
+        out = torch.empty(n, device=weight.device, dtype=x.dtype)
+        _gemv_int4_kernel[(triton.cdiv(n, block_n),)](
+            x, weight, scales, zeros, out, x if norm is None else norm, x if residual is None else residual.reshape(-1),
+            n, float(eps), k=k, GROUP=group_size, NORM=norm is not None, GATED=gated, RESIDUAL=residual is not None,
+            BLOCK_N=block_n, GROUPS=groups, EVEN=n % block_n == 0 and (k // group_size) % groups == 0,
+            num_warps=warps)
+        return out
     n, k = weight.shape
     if x.numel() != (2 * k if gated else k):
         raise ValueError(f"gemv: {x.numel()} input values for a ({n}, {k}) weight (gated={gated})")
+    if scales is not None:
+        _check_quantized("gemv", weight, scales, zeros, group_size, k)
     if weight.stride() != (k, 1):
         raise ValueError("gemv: the weight must be contiguous (rows of K values)")
     if n * k >= 2 ** 31:
         raise ValueError(f"gemv: a ({n}, {k}) weight is too large for 32-bit offsets")
     block_n, block_k, warps = config or gemv_config(n, k)
     block_k = min(block_k, triton.next_power_of_2(k))
-    x = x.reshape(-1)
-    out = torch.empty(n, device=weight.device, dtype=weight.dtype)
+    out = torch.empty(n, device=weight.device, dtype=weight.dtype if scales is None else x.dtype)
     _gemv_kernel[(triton.cdiv(n, block_n),)](
-        x, weight, out, x if norm is None else norm, x if residual is None else residual.reshape(-1), n, float(eps),
-        k=k, NORM=norm is not None, GATED=gated, RESIDUAL=residual is not None, BLOCK_N=block_n,
+        x, weight, out, x if norm is None else norm, x if residual is None else residual.reshape(-1),
+        x if scales is None else scales, n, float(eps), k=k, NORM=norm is not None, GATED=gated,
+        RESIDUAL=residual is not None, SCALED=scales is not None, BLOCK_N=block_n,
         BLOCK_K=block_k, EVEN=n % block_n == 0 and k % block_k == 0, num_warps=warps)
     return out
+
+
+def qmatmul_config(m):
+    """(BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) of the quantized matrix product for m rows:
+    m = 32 is a question after the kept prefix, hundreds a prompt prefill."""
+    block_m = 16 if m <= 16 else 32 if m <= 32 else 64
+    return block_m, 32 if m <= 32 else 64, 128, 4, 3
+
+
+def qmatmul(x, weight, scales, zeros=None, group_size=None, config=None):
+    """x (..., K) times a quantized (N, K) weight (as `gemv` reads it) transposed -> (..., N) in x's dtype:
+    the weight's tiles are dequantized in registers and multiplied with tl.dot (prefill: several tokens)."""
+    _require("qmatmul")
+    n, k = _check_quantized("qmatmul", weight, scales, zeros, group_size, x.shape[-1])
+    a = x.reshape(-1, k).contiguous()
+    m = a.shape[0]
+    block_m, block_n, block_k, warps, stages = config or qmatmul_config(m)
+    if m * max(n, k) >= 2 ** 31:
+        raise ValueError(f"qmatmul: ({m}, {k}) x ({n}, {k}) is too large for 32-bit offsets")
+    out = torch.empty(m, n, device=x.device, dtype=x.dtype)
+    int4 = weight.dtype == torch.uint8
+    _qmatmul_kernel[(triton.cdiv(m, block_m), triton.cdiv(n, block_n))](
+        a, weight, scales, scales if zeros is None else zeros, out, m, n, k=k, INT4=int4,
+        GROUP=group_size if int4 else 0, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
+        PRECISION=_precision(x.dtype), num_warps=warps, num_stages=stages)
+    return out.view(*x.shape[:-1], n)
 
 
 def linear_quick_gelu(x, weight, bias, config=None, programs=None):

@@ -264,8 +264,8 @@ def build_parser():
     p.add_argument("--memory-plot", default=None, help="write a PNG timeline of the memory at each question")
     p.add_argument("--log-file", default=None, help="JSON Lines event log with a latency summary at the end")
     p.add_argument("--log-every", type=int, default=100, help="log a progress event every N frames")
-    p.add_argument("--load-8bit", action="store_true")
-    p.add_argument("--load-4bit", action="store_true")
+    p.add_argument("--load-8bit", action="store_true", help="the LLM's linear layers in int8 (per output channel)")
+    p.add_argument("--load-4bit", action="store_true", help="the LLM's linear layers in int4 (groups of 128)")
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
     p.add_argument("--vision-device", default=None,
                    help="encode frames and keep the memory on this device (e.g. cuda:1), answer on --device "

@@ -22,6 +22,7 @@ def test_bench_tiny_cpu_end_to_end(tmp_path):
     assert report["targets"]["ttft_ms"] == 25.0 and report["targets"]["peak_mem_gb"] == 15.0
     sections = report["sections"]
     assert set(bench.SECTIONS) | {"build"} == set(sections)
+    assert sections.pop("quantized")["status"] == "skipped"  # without --quantized (its own test below)
     assert all(s["status"] == "ok" for s in sections.values()), {k: s.get("error") for k, s in sections.items()}
 
     clip = sections["clip_one_frame"]
@@ -71,10 +72,30 @@ def test_benchmark_script_runs_selected_sections(tmp_path):
     report = json.loads((tmp_path / "bench.json").read_text())
     statuses = {k: v["status"] for k, v in report["sections"].items()}
     assert statuses == {"build": "ok", "clip_one_frame": "ok", "baseline_upstream_buffer": "ok",
-                        **{k: "skipped" for k in skip.split(",")}}
+                        "quantized": "skipped", **{k: "skipped" for k in skip.split(",")}}
     assert (tmp_path / "bench.png").exists()
     with pytest.raises(SystemExit):
         bench.parse_args(["--output-dir", str(tmp_path), "--skip", "nonsense"])
+
+
+def test_quantized_rows_on_cpu(tmp_path):
+    """--quantized int8,int4: the decode section again over each scheme quantized from the bench's weights
+    (CPU: the plain static-cache loop over the dequantizing layers), with its rows in the summary."""
+    skip = "clip_one_frame,streaming,vision_split,baseline_upstream_buffer,baseline_full_context,extraction"
+    code = bench.main(["--preset", "tiny", "--device", "cpu", "--output-dir", str(tmp_path), "--answer-tokens", "3",
+                       "--strict", "--skip", skip, "--quantized", "int8,int4"])
+    assert code == 0
+    report = json.loads((tmp_path / "bench.json").read_text())
+    quantized = report["sections"]["quantized"]
+    assert quantized["status"] == "ok" and set(quantized["schemes"]) == {"int8", "int4"}
+    for scheme, entry in quantized["schemes"].items():
+        assert entry["status"] == "ok" and entry["layers"] == 2 * 7 + 1, entry.get("error")
+        assert entry["decode"]["optimised"]["new_tokens"] == 3
+        assert entry["decode"]["tokens_equal_stock"]  # the same dequantized arithmetic as the quantized generate
+    rows = {r["metric"]: r for r in report["summary"]}
+    assert rows["int4: decode tokens/s, batch 1"]["target"] == 650.0 and rows["int8: LLM weights GB"]
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--output-dir", str(tmp_path), "--quantized", "int3"])
 
 
 def test_watchdog_ends_a_run_that_overstays(tmp_path):
