@@ -46,6 +46,8 @@ def build_parser():
     p.add_argument("--vision-device", default=None,
                    help="encode frames and keep the memories on this device (e.g. cuda:1), answer on --device "
                         "(e.g. cuda:0); default: beside the LLM")
+    p.add_argument("--load-8bit", action="store_true", help="the LLM's linear layers in int8 (per output channel)")
+    p.add_argument("--load-4bit", action="store_true", help="the LLM's linear layers in int4 (groups of 128)")
     p.add_argument("--max-frame-bytes", type=int, default=d.max_frame_bytes, help="largest pushed image")
     p.add_argument("--max-video-bytes", type=int, default=d.max_video_bytes, help="largest data-URL video")
     p.add_argument("--max-video-frames", type=int, default=d.max_video_frames,
@@ -84,6 +86,8 @@ def settings_from_args(args):
         raise ValueError("--memory-budget-gb must be > 0")
     if not args.ingest_lag_target > 0 or args.max_answer_defer < 0:
         raise ValueError("--ingest-lag-target must be > 0 and --max-answer-defer >= 0")
+    if args.load_8bit and args.load_4bit:
+        raise ValueError("choose one of --load-8bit / --load-4bit")
     if args.media_root is not None and not os.path.isdir(args.media_root):
         raise ValueError(f"--media-root {args.media_root}: not a folder")
     if args.vision_device is not None:
@@ -94,7 +98,8 @@ def settings_from_args(args):
         # a bad device: a clear error before anything loads
         vision_placement(args.device or ("cuda" if torch.cuda.is_available() else "cpu"), args.vision_device)
     return Settings(model_path=args.model_path, model_base=args.model_base, model_id=args.model_name,
-                    device=args.device, vision_device=args.vision_device, api_key=args.api_key, media_root=args.media_root,
+                    device=args.device, vision_device=args.vision_device, load_8bit=args.load_8bit,
+                    load_4bit=args.load_4bit, api_key=args.api_key, media_root=args.media_root,
                     allow_remote_sources=args.allow_remote_sources, max_sessions=args.max_sessions,
                     max_frame_bytes=args.max_frame_bytes, max_video_bytes=args.max_video_bytes,
                     max_video_frames=args.max_video_frames, max_question_chars=args.max_question_chars,

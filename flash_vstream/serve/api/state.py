@@ -23,6 +23,8 @@ class Settings:
     model_id: str | None = None  # the name /v1/models shows (default: the model folder's name)
     device: str | None = None
     vision_device: str | None = None  # CLIP and the memories there, the LLM on `device` (runtime/devices.py)
+    load_8bit: bool = False  # the LLM's linear layers in int8 / int4 (model/quantization.py)
+    load_4bit: bool = False
     api_key: str | None = None
     media_root: str | None = None
     allow_remote_sources: bool = False
@@ -172,7 +174,8 @@ class ServerState:
             device = s.device or ("cuda" if torch.cuda.is_available() else "cpu")
             device, vision_device = vision_placement(device, s.vision_device)  # the CLIP tower's card, if apart
             self.tokenizer, self.model, self.image_processor, self.context_len = load_pretrained_model(
-                s.model_path, s.model_base, device=device, vision_device=vision_device)
+                s.model_path, s.model_base, device=device, vision_device=vision_device, load_8bit=s.load_8bit,
+                load_4bit=s.load_4bit)
             self.attach(self.model, self.tokenizer, self.image_processor, self.context_len)
         except BaseException as error:  # noqa: BLE001 - reported by /health and the start-up line
             self.load_error = f"{type(error).__name__}: {error}"
