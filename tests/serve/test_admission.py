@@ -15,7 +15,7 @@ import websockets
 from flash_vstream.model import VStreamConfig
 from flash_vstream.model.memory import STARMemory, memory_num_tokens
 from flash_vstream.serve.api.scheduler import (MemoryBudget, ServerEngine, answer_pool_bytes, kv_bytes_per_token,
-                                               question_bytes, session_state_bytes)
+                                               question_bytes, session_state_bytes, snapshot_bytes, stack_rows)
 from flash_vstream.serve.engine import SessionError
 from flash_vstream.serve.session import PROMPT_ROOM, state_nbytes
 from serve.test_server_support import RunningServer, assert_error, data_url, jpeg_frames
@@ -85,7 +85,20 @@ def test_memory_budget_reserves_refuses_and_releases():
     budget.release("a")
     budget.reserve("b", "session", 50, "a new session")
     assert budget.used() == 90
+    budget.release("q")
+    with pytest.raises(SessionError):  # what fits for good must also fit for the moment it peaks
+        budget.reserve("b", "session", 60, "a session", peak=110)
+    assert budget.used() == 50  # a refused reservation leaves what the key held
+    budget.reserve("c", "session", 50, "a session", check=False)  # unchecked: e.g. bytes given back
+    assert budget.used() == 100
     MemoryBudget(None).reserve("x", "session", 10**15, "anything")  # unbounded: counted, never refused
+
+
+def test_stack_rows_double_never_shrink_and_peak_while_growing():
+    assert stack_rows(0, 5) == (5, 5)  # the first stack is made for the memories at hand
+    assert stack_rows(8, 3) == (8, 8)  # never shrinks
+    assert stack_rows(8, 9) == (16, 24)  # doubles: old and new rows exist together for a moment
+    assert stack_rows(8, 17) == (32, 48)
 
 
 # --- ingest first, in process ---------------------------------------------------------------------------------
@@ -125,7 +138,8 @@ def test_new_answers_wait_while_the_ingest_lane_is_behind(tiny_model_dir):
 # --- through the real server ----------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def tight(tiny_model_dir, tiny_config, tmp_path_factory):
-    """A server whose budget holds the answers' KV cache, two sessions and not one question more."""
+    """A server whose budget holds the answers' KV cache, two sessions (a stack of two memory rows) and not
+    one question more."""
     session = session_state_bytes(tiny_config, 4)  # the tiny model is fp32 on the CPU
     question = question_bytes(tiny_config, 4, memory_num_tokens(3, tiny_config))
     pool = answer_pool_bytes(tiny_config, 4, 16, 8, 2048)  # --max-batch 16 (the default), --max-tokens 8
@@ -144,10 +158,13 @@ def test_429_when_the_budget_is_full_and_room_again_when_a_session_leaves(tight,
     assert metric(text, "flash_vstream_memory_budget_bytes", kind="answers") == answer_pool_bytes(
         VStreamConfig.from_pretrained(srv.model_dir), 4, 16, 8, 2048)
     first, second = srv.session()["id"], srv.session()["id"]
-    error = assert_error(srv.post("/v1/sessions", json={"source": {"type": "push"}}), 429, "memory_budget_exceeded")
-    assert "a new session" in error["message"] and "MiB" in error["message"]
     for i in range(3):
         assert srv.push(first, frames[i], float(i)).status_code == 200
+    assert srv.push(second, frames[0], 0.0).status_code == 200  # both memories are rows of the stack now
+    assert metric(srv.get("/metrics").text, "flash_vstream_memory_stack_rows") == 2
+    # a third needs the stack to double (4 rows, 6 while it grows): refused
+    error = assert_error(srv.post("/v1/sessions", json={"source": {"type": "push"}}), 429, "memory_budget_exceeded")
+    assert "a new session" in error["message"] and "MiB" in error["message"]
     # the two sessions took the budget: a question does not fit (HTTP and WebSocket), nothing runs out of memory
     assert_error(srv.post(f"/v1/sessions/{first}/questions", json={"question": "what now?"}), 429,
                  "memory_budget_exceeded")
@@ -168,11 +185,13 @@ def test_429_when_the_budget_is_full_and_room_again_when_a_session_leaves(tight,
     assert srv.delete(f"/v1/sessions/{second}").status_code == 200  # its memory's bytes come back
     answer = srv.post(f"/v1/sessions/{first}/questions", json={"question": "what now?", "max_tokens": 4})
     assert answer.status_code == 200 and answer.json()["frames_seen"] == 3
-    third = srv.session()["id"]  # the answer is done: its bytes came back too, a session fits again
+    third = srv.session()["id"]  # the answer is done: its bytes came back too, a session fits its free row
     assert_error(srv.post("/v1/sessions", json={"source": {"type": "push"}}), 429, "memory_budget_exceeded")
     for s in (first, third):
         srv.delete(f"/v1/sessions/{s}")
-    assert metric(srv.get("/metrics").text, "flash_vstream_memory_budget_bytes", kind="sessions") == 0
+    # the stack keeps its two rows (it never shrinks): the budget still counts them, the snapshots are back
+    row = session_bytes - snapshot_bytes(VStreamConfig.from_pretrained(srv.model_dir), 4)
+    assert metric(srv.get("/metrics").text, "flash_vstream_memory_budget_bytes", kind="sessions") == 2 * row
 
 
 @pytest.fixture(scope="module")

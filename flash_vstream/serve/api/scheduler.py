@@ -9,7 +9,11 @@ Memory budget (admission control). The accelerator holds the weights, every sess
 and the answers' KV cache. `MemoryBudget` counts bytes against one total: a
 session reserves its state (`session_state_bytes`: its row of the memory stack -- frame buffer, keys,
 temporal centroids, abstract slots, spatial frames -- and one published snapshot) when it is created and
-gives it back when it is deleted; the answer lane's KV cache (`answer_pool_bytes`: `max_batch` slots of
+gives its snapshot back when it is deleted. The ingest lane keeps the sessions' memories in one shared
+stack that doubles when full and never shrinks (model/memory.py `MemoryStack`), so the sessions hold
+the stack's rows -- at least its capacity, doubled as often as the open sessions need -- and a session
+whose row needs the stack to grow is admitted only if the growth fits: for one tick the old and the new
+stack exist together (1.5x the new rows); the answer lane's KV cache (`answer_pool_bytes`: `max_batch` slots of
 continuous batching) is reserved once, when the engine starts; a question reserves its prompt's embeddings
 (`question_bytes`) from the moment it is accepted until its answer ends. A session or question that
 would pass the total is refused with 429 `memory_budget_exceeded` -- the request fails, never the GPU.
@@ -55,10 +59,25 @@ def session_state_bytes(config, dtype_bytes):
     temporal = k * (tem * 4 + 4 + 3 * 8)  # centroids (+ a spare row), weights, 3 times
     abstract = config.abstract_frames * abs_ * d * 4
     retrieved = config.retrieved_frames * 8
+    return frames + keys + temporal + abstract + retrieved + snapshot_bytes(config, dtype_bytes)
+
+
+def snapshot_bytes(config, dtype_bytes):
+    """One published snapshot: the memory tokens of a long stream."""
     from ...model.memory import memory_num_tokens
 
-    snapshot = memory_num_tokens(10**6, config) * d * dtype_bytes
-    return frames + keys + temporal + abstract + retrieved + snapshot
+    return memory_num_tokens(10**6, config) * config.mm_hidden_size * dtype_bytes
+
+
+def stack_rows(capacity, sessions):
+    """(rows, peak rows) of a memory stack of `capacity` rows (0: none yet) once `sessions` memories are in
+    it: it doubles while full and never shrinks; while it grows, the old and the new rows exist together."""
+    if capacity == 0:
+        return sessions, sessions  # the first stack is made for the memories at hand
+    rows = capacity
+    while rows < sessions:
+        rows *= 2
+    return rows, rows + rows // 2 if rows > capacity else rows
 
 
 def kv_bytes_per_token(config, dtype_bytes):
@@ -106,15 +125,19 @@ class MemoryBudget:
         self._lock = threading.Lock()
         self.refused = collections.Counter()  # kind -> reservations refused
 
-    def reserve(self, key, kind, nbytes, what):
-        """Hold `nbytes` under `key`, or raise 429 naming `what` when they do not fit."""
+    def reserve(self, key, kind, nbytes, what, peak=None, check=True):
+        """Hold `nbytes` under `key` (replacing what it held), or raise 429 naming `what` when they -- or
+        `peak`, bytes needed for a moment -- do not fit beside the rest. check=False: hold without looking
+        (giving bytes back)."""
         with self._lock:
-            used = sum(b for _, b in self._held.values())
-            if self.total_bytes is not None and used + nbytes > self.total_bytes:
+            used = sum(b for k, (_, b) in self._held.items() if k != key)
+            need = max(nbytes, peak or 0)
+            if check and self.total_bytes is not None and used + need > self.total_bytes:
                 self.refused[kind] += 1
+                held = self._held.get(key, (kind, 0))[1]
                 raise SessionError(429, "memory_budget_exceeded",
-                                   f"{what} needs {nbytes / 2**20:.1f} MiB of accelerator memory; "
-                                   f"{max(0, self.total_bytes - used) / 2**20:.1f} MiB of the "
+                                   f"{what} needs {(need - held) / 2**20:.1f} MiB more accelerator memory; "
+                                   f"{max(0, self.total_bytes - used - held) / 2**20:.1f} MiB of the "
                                    f"{self.total_bytes / 2**20:.1f} MiB budget are free")
             self._held[key] = (kind, int(nbytes))
 
@@ -139,12 +162,14 @@ class MemoryBudget:
 class ServerEngine(Engine):
     """Owns the model and the lanes; the web layer calls these methods from any thread.
 
-    `budget`: a MemoryBudget; `session_bytes`: what a session reserves; `answer_pool_bytes`: the answer
+    `budget`: a MemoryBudget; `session_bytes`: a session's memory row and snapshot (`snapshot_bytes` of
+    it the snapshot); `answer_pool_bytes`: the answer
     lane's KV cache, reserved at once; `question_bytes(memory_tokens)`: what a question reserves (None:
     nothing); `max_batch`: the answers the lane runs at once (continuous batching)."""
 
     def __init__(self, make_stream, max_sessions=16, inbox_size=8, max_pending_questions=4, idle_timeout_s=600.0,
-                 metrics=None, open_source_fn=open_source, budget=None, session_bytes=0, answer_pool_bytes=0,
+                 metrics=None, open_source_fn=open_source, budget=None, session_bytes=0, snapshot_bytes=0,
+                 answer_pool_bytes=0,
                  question_bytes=None, ingest_lag_target_s=INGEST_LAG_TARGET_S, max_answer_defer_s=MAX_ANSWER_DEFER_S,
                  **engine_options):
         super().__init__(inbox_size=inbox_size, on_error="session", answer_lane=True, keep_running=True,
@@ -160,7 +185,7 @@ class ServerEngine(Engine):
             raise ValueError(f"the memory budget ({total / 2**20:.1f} MiB) does not hold the answers' KV cache "
                              f"({answer_pool_bytes / 2**20:.1f} MiB) and one session ({session_bytes / 2**20:.1f} MiB)")
         self.budget.reserve("answer_pool", "answers", answer_pool_bytes, "the answers' KV cache")
-        self.session_bytes = int(session_bytes)
+        self.session_bytes, self.snapshot_bytes = int(session_bytes), int(snapshot_bytes)
         self.question_bytes = question_bytes
         if not ingest_lag_target_s > 0 or max_answer_defer_s < 0:
             raise ValueError("ingest_lag_target_s must be > 0 and max_answer_defer_s >= 0")
@@ -198,7 +223,7 @@ class ServerEngine(Engine):
         with self._lock:
             if len(self._streams) + self._reserved >= self.max_sessions:
                 raise SessionError(429, "too_many_sessions", f"at most {self.max_sessions} sessions at once")
-            self.budget.reserve(stream_id, "session", self.session_bytes, "a new session")
+            self._hold_memories(len(self._streams) + self._reserved + 1, "a new session")
             self._reserved += 1  # the slot is taken before the (slower) construction
         stream = None
         try:
@@ -222,16 +247,30 @@ class ServerEngine(Engine):
         finally:
             with self._lock:
                 self._reserved -= 1
-            if stream is None:
-                self.budget.release(stream_id)
+                if stream is None:
+                    self._hold_memories(len(self._streams) + self._reserved)
         if self.metrics is not None:
             self.metrics.sessions_created.inc()
         return stream
 
     def remove_session(self, stream_id):
         stream = super().remove_session(stream_id)
-        self.budget.release(stream_id)
+        with self._lock:
+            self._hold_memories(len(self._streams) + self._reserved)
         return stream
+
+    def stack_capacity(self):
+        """Rows of the memory stacks the ingest lane keeps for the sessions (0: none yet, or no batching)."""
+        batcher = getattr(self, "_batcher", None)
+        return sum(stack.capacity for stack in batcher.stacks()) if batcher is not None else 0
+
+    def _hold_memories(self, sessions, what=None):
+        """The budget holds the memory rows and snapshots of `sessions` sessions; `what`: a session asks to
+        come in (429 when it does not fit), else bytes are given back."""
+        row = self.session_bytes - self.snapshot_bytes
+        rows, peak = stack_rows(self.stack_capacity(), sessions)
+        self.budget.reserve("memories", "session", rows * row + sessions * self.snapshot_bytes, what,
+                            peak=peak * row + sessions * self.snapshot_bytes, check=what is not None)
 
     def get(self, session_id):
         with self._lock:

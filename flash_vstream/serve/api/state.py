@@ -10,7 +10,7 @@ from prometheus_client.core import GaugeMetricFamily
 
 from ..engine import STATES
 from .scheduler import (INGEST_LAG_TARGET_S, MAX_ANSWER_DEFER_S, MemoryBudget, ServerEngine, answer_pool_bytes,
-                        default_budget_bytes, question_bytes, session_state_bytes)
+                        default_budget_bytes, question_bytes, session_state_bytes, snapshot_bytes)
 
 LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 LAG_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0)
@@ -49,9 +49,9 @@ class Settings:
     memory_budget_bytes: int | None = None
     ingest_lag_target_s: float = INGEST_LAG_TARGET_S  # new answers wait while a frame has waited longer
     max_answer_defer_s: float = MAX_ANSWER_DEFER_S  # ... but at most this long
+    max_batch: int = 16  # answers the answer lane runs at once (continuous batching), the KV cache's slots
 
     def __post_init__(self):
-    max_batch: int = 16  # answers the answer lane runs at once (continuous batching), the KV cache's slots
         if self.model_id is None:
             self.model_id = os.path.basename(os.path.normpath(self.model_path)) or "flash-vstream"
 
@@ -138,10 +138,12 @@ class _LiveCollector:
                                    labels=["kind"])
         memory.add_metric(["total"], -1 if budget["total_bytes"] is None else budget["total_bytes"])
         memory.add_metric(["sessions"], budget["sessions_bytes"])
+        memory.add_metric(["answers"], budget["answers_bytes"])
         memory.add_metric(["questions"], budget["questions_bytes"])
         memory.add_metric(["per_session"], engine.session_bytes)
-        memory.add_metric(["answers"], budget["answers_bytes"])
         yield memory
+        yield GaugeMetricFamily("flash_vstream_memory_stack_rows", "rows of the sessions' shared memory stack "
+                                "(it doubles when full and never shrinks)", value=engine.stack_capacity())
         refused = GaugeMetricFamily("flash_vstream_memory_budget_refused", "reservations the budget refused (429)",
                                     labels=["kind"])
         for kind in ("session", "question"):
@@ -196,11 +198,12 @@ class ServerState:
 
         config, dtype_bytes = model.config, model.get_model().mm_projector_dtype().itemsize
         total = s.memory_budget_bytes if s.memory_budget_bytes is not None else default_budget_bytes(model.device)
+        context = int(context_len or getattr(config, "tokenizer_model_max_length", None) or 2048)
         self.engine = ServerEngine(make_stream, max_sessions=s.max_sessions, inbox_size=s.inbox_size,
                                    max_pending_questions=s.max_pending_questions, idle_timeout_s=s.idle_timeout_s,
                                    metrics=self.metrics, budget=MemoryBudget(total), max_batch=s.max_batch,
-        context = int(context_len or getattr(config, "tokenizer_model_max_length", None) or 2048)
                                    session_bytes=session_state_bytes(config, dtype_bytes),
+                                   snapshot_bytes=snapshot_bytes(config, dtype_bytes),
                                    answer_pool_bytes=answer_pool_bytes(config, dtype_bytes, s.max_batch, s.max_tokens,
                                                                        context),
                                    question_bytes=lambda memory_tokens: question_bytes(config, dtype_bytes,
