@@ -152,10 +152,17 @@ class FastVisionEncoder:
             return self._run(pixels, self._embed, self._layer, self.weights)
         return self.eager(pixels)
 
-    def eager(self, pixels):
-        """The tower's own modules, stopped at the selected layer."""
+    def eager(self, pixels, per_frame_embedding=False):
+        """The tower's own modules, stopped at the selected layer. `per_frame_embedding`: the patch embedding
+        (a convolution) frame by frame, the layers over the batch: on CPU a convolution over a batch rounds
+        differently from one over a frame, so this keeps every frame's features those of a one-frame forward
+        (the batched ingest of several streams relies on it)."""
+        embed = self.stock_embed
+        if per_frame_embedding:
+            def embed(batch):
+                return torch.cat([self.stock_embed(batch[i:i + 1]) for i in range(batch.shape[0])])  # (B, 257, D)
         with torch.inference_mode():
-            return self._run(pixels, self.stock_embed, self.stock_layer, self.layers)
+            return self._run(pixels, embed, self.stock_layer, self.layers)
 
     def fused(self, pixels):
         """What `compile()` compiles, run uncompiled: fused q/k/v, patch embedding as a product."""

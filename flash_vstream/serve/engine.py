@@ -56,6 +56,7 @@ import time
 import traceback
 
 from ..video_io import VideoReadError
+from .batching import IngestBatcher
 from .session import EmptyStreamError, state_nbytes
 from .telemetry import EventLog, LatencyStats, role_stats, rss_bytes
 
@@ -281,12 +282,14 @@ class Engine:
     session's queued questions; `metrics` (the server's Prometheus counters) is fed beside `stats`.
     `max_batch` bounds the answers the answer lane thread runs at once (batched; 1: one at a time) and
     `batch_prefill_tokens` the prompt tokens joining its batch in one step; `batch_graphs` (None: on CUDA)
-    captures its decode step as CUDA graphs.
+    captures its decode step as CUDA graphs. `batch_ingest` (default) ingests each tick's frames of all
+    sessions together (one CLIP batch, one memory update); False: one session after another.
     """
 
     def __init__(self, session=None, source=None, *, schedule=None, play_speed=1.0, inbox_size=8, drop_oldest=None,
                  on_error="stop", answer_lane=False, keep_running=False, max_pending_questions=None, log=None,
-                 log_every=100, metrics=None, max_batch=16, batch_prefill_tokens=8192, batch_graphs=None):
+                 log_every=100, metrics=None, max_batch=16, batch_prefill_tokens=8192, batch_graphs=None,
+                 batch_ingest=True):
         if on_error not in ON_ERROR:
             raise ValueError(f"on_error must be one of {ON_ERROR}, got {on_error!r}")
         if isinstance(max_batch, bool) or not isinstance(max_batch, int) or max_batch < 1:
@@ -296,6 +299,8 @@ class Engine:
         self.max_batch, self.batch_prefill_tokens = max_batch, int(batch_prefill_tokens)
         self.batch_graphs = batch_graphs  # the batch's decode step as CUDA graphs (None: on CUDA)
         self._batch = None  # the answer lane's BatchDecoder, built at its first batched question
+        self.batch_ingest = bool(batch_ingest)
+        self._batcher = IngestBatcher()  # the sessions' shared memory stacks (batch_ingest)
         self.play_speed = play_speed  # defaults for add_session (checked there)
         self.inbox_size = inbox_size
         self.default_drop_oldest = drop_oldest  # None: drop when the source is live
@@ -619,33 +624,67 @@ class Engine:
         return sum(item is not END_OF_STREAM for _, item in batch)
 
     def _ingest(self, batch):
-        """The tick's frames, one per session: questions due before each frame, the frame into its
-        session's memory, questions due with it. Each session encodes its own frame today."""
+        """The tick's items, one per session: END_OF_STREAM ends its session; each frame goes in between the
+        questions due before it and those due with it. With `batch_ingest` the tick's frames go in together
+        (`batching.IngestBatcher`: one CLIP batch, one memory update of all the memories), else one session
+        after another. A failed frame fails its session (on_error="session") or, after the tick's bookkeeping,
+        stops the engine (on_error="stop")."""
+        frames, first_error = [], None
         for stream, item in batch:
             try:
                 if self.stopped:
                     continue
                 if item is END_OF_STREAM:
                     self._end(stream)
-                else:
+                elif not self.batch_ingest:
                     self._ingest_one(stream, *item)
+                else:
+                    self._before_frame(stream, item[1])
+                    frames.append((stream, item))
+                    continue
             except BaseException as error:  # noqa: BLE001 - handled by the failure policy
-                if item is not END_OF_STREAM and item[2] is not None and not item[2].done():
-                    item[2].set_exception(error)
-                if self.on_error == "stop":
-                    raise
-                self.fail("frame handler", error, stream)
-            finally:
-                self._done(stream)
+                first_error = self._frame_failed(stream, item, error) or first_error
+            self._done(stream)
+        if frames:
+            began = time.perf_counter()
+            results = self._batcher.ingest([(stream.id, stream.session, frame, t) for stream, (frame, t, _) in frames])
+            elapsed = time.perf_counter() - began  # every frame of the tick is in the memory after all of it
+            for (stream, item), result in zip(frames, results):
+                try:
+                    if isinstance(result, BaseException):
+                        raise result
+                    self._landed(stream, item[1], item[2], result, elapsed)
+                except BaseException as error:  # noqa: BLE001 - handled by the failure policy
+                    first_error = self._frame_failed(stream, item, error) or first_error
+                finally:
+                    self._done(stream)
+        if first_error is not None:
+            raise first_error
+
+    def _frame_failed(self, stream, item, error):
+        """The failure policy for one item; returns the error to raise at the end of the tick (on_error="stop")."""
+        if item is not END_OF_STREAM and item[2] is not None and not item[2].done():
+            item[2].set_exception(error)
+        if self.on_error == "stop":
+            return error
+        self.fail("frame handler", error, stream)
+        return None
 
     def _ingest_one(self, stream, frame, t, future):
-        session, schedule = stream.session, stream.schedule
-        if schedule is not None:
-            before = session.snapshot()
-            self._due(stream, schedule.before_frame(t, before), before)
+        """One session's frame on its own (`batch_ingest=False`): `StreamSession.add_frame`."""
+        self._before_frame(stream, t)
         began = time.perf_counter()
-        snapshot = session.add_frame(frame, t)
-        elapsed = time.perf_counter() - began
+        snapshot = stream.session.add_frame(frame, t)
+        self._landed(stream, t, future, snapshot, time.perf_counter() - began)
+
+    def _before_frame(self, stream, t):
+        if stream.schedule is not None:
+            before = stream.session.snapshot()
+            self._due(stream, stream.schedule.before_frame(t, before), before)
+
+    def _landed(self, stream, t, future, snapshot, elapsed):
+        """The frame at `t` is in the memory (`snapshot`) after `elapsed` seconds: counters, its future, the
+        questions due with it."""
         self.stats["encode_memory_update"].add(elapsed)
         if self.metrics is not None:
             self.metrics.frame_seconds.observe(elapsed)
@@ -654,8 +693,8 @@ class Engine:
         stream.stream_time = t
         if future is not None:
             future.set_result(snapshot)
-        if schedule is not None:
-            self._due(stream, schedule.after_frame(t), snapshot)
+        if stream.schedule is not None:
+            self._due(stream, stream.schedule.after_frame(t), snapshot)
         if self.log_every and stream.frames_ingested % self.log_every == 0:
             self._progress(stream)
 

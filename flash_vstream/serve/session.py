@@ -37,6 +37,7 @@ from ..mm_utils import KeywordsStoppingCriteria, process_images, tokenizer_image
 from ..runtime.decoder import prefix_through_image
 from ..runtime.devices import Placement
 from ..runtime.fast_path import FastPath
+from ..runtime.vision import FastVisionEncoder
 from ..runtime.options import FastPathOptions
 from ..model.memory import STARMemory, memory_num_tokens
 
@@ -225,6 +226,7 @@ class StreamSession:
         self.fast = self.fast_path.enabled
         self.compile_decode = self.fast_path.options.compile_decode
         self._vision = None  # FastVisionEncoder (the fast path's), at the first frame
+        self._stock_vision = None  # FastVisionEncoder over the tower for encode_batch without the fast path
         self._decoder = None  # GreedyDecoder (the fast path's), at the first greedy answer (or warm_up)
         self._decoder_lock = threading.Lock()  # the decoder's cache is one state: one user at a time
         self._prefix_ids = None
@@ -251,13 +253,37 @@ class StreamSession:
     @torch.inference_mode()
     def encode(self, frames):
         """uint8 (H, W, 3) frames (or PIL images) -> CLIP patch features (T, 256, D)."""
+        return self.encode_pixels(self.preprocess(frames))
+
+    def preprocess(self, frames):
+        """uint8 (H, W, 3) frames (or PIL images) -> normalised pixels (T, 3, S, S) on the CPU, as the config says.
+        The batched ingest (`batching.py`) preprocesses each session's frame alone, then encodes them together."""
         if self.image_processor is None:
             raise RuntimeError("raw frames need the vision tower and its image processor; this model was loaded "
                                "without them (see mm_vision_tower); feed precomputed features instead")
-        if not (self.fast and self._tower_loaded()):  # stock path (and its error when the tower is missing)
-            return self.model.encode_frames(frames, self.image_processor)  # (T, 256, D)
-        pixels = process_images(frames, self.image_processor, self.model.config.image_aspect_ratio)  # (T, 3, S, S)
-        return self._fast_vision()(pixels)  # (T, 256, D); one frame: the CUDA graph
+        return process_images(frames, self.image_processor, self.model.config.image_aspect_ratio)  # (T, 3, S, S)
+
+    @torch.inference_mode()
+    def encode_pixels(self, pixels):
+        """(T, 3, S, S) pixels -> (T, 256, D): the fast path's encoder when it is on (one frame: its CUDA graph),
+        else the tower's own forward (and its error when the tower is missing)."""
+        if not (self.fast and self._tower_loaded()):
+            return self.model.encode_images([pixels])[0]  # (T, 256, D)
+        return self._fast_vision()(pixels)  # (T, 256, D)
+
+    @torch.inference_mode()
+    def encode_batch(self, pixels):
+        """(B, 3, S, S) frames of several streams -> (B, 256, D) in one forward (the batched ingest). The fast path:
+        its encoder's batched path. Otherwise the tower's own modules with the patch embedding frame by frame, so
+        that each frame's features are those `encode_pixels` gives it alone."""
+        if self.fast and self._tower_loaded():
+            return self._fast_vision()(pixels)  # (B, 256, D)
+        if not self._tower_loaded():
+            return self.model.encode_images([pixels])[0]  # its error: the tower is not loaded
+        if self._stock_vision is None:
+            tower = self.model.get_vision_tower()
+            self._stock_vision = FastVisionEncoder(tower.vision_tower, tower.select_layer, tower.select_feature)
+        return self._stock_vision.eager(pixels, per_frame_embedding=True)  # (B, 256, D)
 
     def _tower_loaded(self):
         tower = self.model.get_vision_tower()
@@ -281,6 +307,14 @@ class StreamSession:
     def add_features(self, features, timestamps=None):
         """Feed precomputed features (n, 256, D) (or one frame (256, D)) one frame at a time, as a
         stream does; `timestamps`: n seconds (default: frame counter / video_fps). Publishes once."""
+        features, timestamps = self.prepare_features(features, timestamps)
+        for i in range(len(timestamps)):
+            self.memory.update(features[i:i + 1], timestamps[i:i + 1])  # (1, 256, D): one frame per update
+        return self._publish(timestamps[-1]) if timestamps else self.snapshot()
+
+    def prepare_features(self, features, timestamps=None):
+        """(n, 256, D) or (256, D) features and n timestamps (None: frame counter / video_fps) -> the features on
+        the memory's device in the projector's dtype (n, 256, D) and the timestamps as n floats."""
         if features.dim() == 2:
             features = features[None]  # (1, 256, D)
         n = features.shape[0]
@@ -289,18 +323,18 @@ class StreamSession:
         timestamps = [float(t) for t in timestamps]
         if len(timestamps) != n:
             raise ValueError(f"{n} frames but {len(timestamps)} timestamps")
-        features = features.to(device=self.placement.vision, dtype=self._dtype)  # the memory's device
-        for i in range(n):
-            self.memory.update(features[i:i + 1], timestamps[i:i + 1])  # (1, 256, D): one frame per update
-        return self._publish(timestamps[-1]) if n else self.snapshot()
+        return features.to(device=self.placement.vision, dtype=self._dtype), timestamps  # the memory's device
 
-    def _publish(self, stream_time):
+    def _publish(self, stream_time, tokens=None, described=None):
+        """Publish the memory as the new snapshot. `tokens` and `described` (`STARMemory.describe()`): what the
+        batched ingest read for this session already (None: read them here)."""
+        tokens = self.memory.read() if tokens is None else tokens
+        times, weights, spans = self.memory.describe() if described is None else described
         # (N, D) a fresh tensor (later updates never touch it), on the LLM's device; the reader may run on another
         # thread: the values exist before it is handed over
-        tokens = self.placement.hand_over(self.memory.read())
+        tokens = self.placement.hand_over(tokens)
         snapshot = MemorySnapshot(tokens=tokens, frames_seen=self.memory.frames_seen, stream_time=stream_time,
-                                  timestamps=self.memory.timestamps(), temporal_weights=self.memory.temporal_weights(),
-                                  temporal_spans=self.memory.temporal_spans())
+                                  timestamps=times, temporal_weights=weights, temporal_spans=spans)
         with self._lock:
             self._snapshot = snapshot
         self._refresh_prefix(snapshot)
