@@ -1,5 +1,5 @@
-"""Decoding in worker processes started once and kept warm: files from a shared job queue, frames in
-shared-memory slots that the parent pins and copies to the device without a staging copy.
+"""Decoding in worker processes started once and kept warm: frames in shared-memory slots that the parent
+pins and copies to the device without a staging copy.
 
     pool = DecoderPool(num_workers, fps=1.0)     # forks the workers (before CUDA work and threads)
     pool.pin()                                   # on CUDA: page-locks the slots (cudaHostRegister)
@@ -7,12 +7,14 @@ shared-memory slots that the parent pins and copies to the device without a stag
     pool.close()
 
 Each worker owns `slots` buffers of `slot_bytes` in one anonymous shared mapping (MAP_SHARED, made
-before the fork: no /dev/shm file, no segment per message). It takes the next file from a queue all
-workers share (long and short files balance out), decodes it with `video_io.iter_frames` (sparse
-decoding, `threads` FFmpeg threads), writes up to a slot's worth of frames into a free slot and sends
-a small message; the parent hands the slot back with `release` once it no longer reads it (on CUDA:
-when the copy to the device is done). The slots bound the frames in flight: a worker waits for a free
-slot when the consumer falls behind, and that wait is counted.
+before the fork: no /dev/shm file, no segment per message) and one pipe to the parent. The parent hands
+each worker one file at a time, the next as soon as it reports the last one done (long and short files
+balance out). The worker decodes it with `video_io.iter_frames` (sparse decoding, `threads` FFmpeg
+threads), writes up to a slot's worth of frames into a free slot and sends a small message; the parent
+hands the slot back with `release` once it no longer reads it (on CUDA: when the copy to the device is
+done). The slots bound the frames in flight: a worker waits for a free slot when the consumer falls
+behind, and that wait is counted. Nothing is shared between workers (no queue lock a killed worker could
+leave held): a worker that dies fails the file it had, and the parent sees it at once (its sentinel).
 
 Messages from `run`:
     {"tag": "frames", "job": i, "frames": uint8 (b, H, W, 3) view of the slot, "times": [b seconds],
@@ -21,10 +23,11 @@ Messages from `run`:
     {"tag": "error", "job": i, "error": message}  the file failed (its earlier frames were sent; drop them)
 """
 
+import collections
 import mmap
 import os
-import queue
 import time
+from multiprocessing.connection import wait as wait_ready
 
 import numpy as np
 import torch
@@ -34,11 +37,12 @@ from ..video_io import VideoReadError, iter_frames, load_image
 SLOT_BYTES = 16 << 20  # 16 frames of 360p, 5 of 720p, 2 of 1080p: bounded memory whatever the resolution
 SLOTS = 4  # per worker: one being written, the rest queued or being copied
 MAX_FRAMES = 16  # frames per message at most
-WAIT_S = 1.0  # every queue wait is this long at most, then liveness is checked
+WAIT_S = 1.0  # every wait is this long at most, then liveness is checked
 # decoders yield the CPU to the parent (which feeds the GPU and saves files) when both want it: throughput
 # work under latency-bound work; with the cores all busy the decoders still use every cycle left
 WORKER_NICE = 5
 RESULT_TIMEOUT_S = 600.0  # no message from any worker for this long (while files are pending) is an error
+START_TIMEOUT_S = 60.0
 
 
 def usable_cores():
@@ -49,86 +53,100 @@ def usable_cores():
         return os.cpu_count() or 1
 
 
-def _worker_main(rank, buffer, slots, slot_bytes, settings, jobs, free, results, parent):
-    """One decoder process: files from `jobs` until None; frames into this worker's slots of `buffer`."""
-    torch.set_num_threads(1)  # the worker is one core's decoder; FFmpeg's threads are `settings["threads"]`
-    os.nice(WORKER_NICE)
-    base = rank * slots * slot_bytes
-    arena = np.frombuffer(buffer, dtype=np.uint8, count=slots * slot_bytes, offset=base)
-    results.put(("ready", rank, os.getpid()))
-    while True:
+class _Worker:
+    """The decoder process's side: jobs and free slots come in on `conn`, frames and reports go out."""
+
+    def __init__(self, rank, buffer, slots, slot_bytes, settings, conn):
+        self.rank, self.slot_bytes, self.settings, self.conn = rank, slot_bytes, settings, conn
+        self.arena = np.frombuffer(buffer, dtype=np.uint8, count=slots * slot_bytes, offset=rank * slots * slot_bytes)
+        self.free = list(range(slots))
+        self.jobs = collections.deque()
+        self.stopped = False
+
+    def main(self):
+        torch.set_num_threads(1)  # one core's decoder; FFmpeg's threads are settings["threads"]
+        os.nice(WORKER_NICE)
+        self.conn.send(("ready", self.rank, os.getpid()))
+        while not self.stopped:
+            if self.jobs:
+                self.decode(*self.jobs.popleft())
+            else:
+                self.take()
+
+    def take(self):
+        """Handle what the parent sent (a job, a freed slot, stop), waiting up to WAIT_S for it."""
         try:
-            item = jobs.get(timeout=WAIT_S)
-        except queue.Empty:
-            if os.getppid() != parent:  # the parent is gone: nobody reads the results
+            if not self.conn.poll(WAIT_S):
                 return
-            continue
-        if item is None:
-            return
-        _decode_file(rank, item, arena, slot_bytes, settings, free, results, parent)
+            message = self.conn.recv()
+        except (EOFError, OSError):  # the parent is gone: nobody reads the results
+            raise SystemExit(0) from None
+        if message[0] == "job":
+            self.jobs.append(message[1:])
+        elif message[0] == "slot":
+            self.free.append(message[1])
+        else:
+            self.stopped = True
+            raise SystemExit(0)
 
-
-def _decode_file(rank, item, arena, slot_bytes, settings, free, results, parent):
-    index, source, kind = item
-    results.put(("start", rank, index))
-    cpu0, wall0 = time.process_time(), time.perf_counter()
-    stats = {"samples": 0, "slot_wait_s": 0.0}
-
-    def send(frames, times):
+    def send(self, index, source, frames, times, stats):
         shape = frames[0].shape
         if any(f.shape != shape for f in frames):  # a mid-file size change: not one tensor
             raise VideoReadError(f"{source}: frames of different sizes {sorted({f.shape for f in frames})}")
         waited = time.perf_counter()
-        while True:
-            try:
-                slot = free.get(timeout=WAIT_S)
-                break
-            except queue.Empty:
-                if os.getppid() != parent:
-                    raise SystemExit(0) from None
+        while not self.free:
+            self.take()
         stats["slot_wait_s"] += time.perf_counter() - waited
-        out = arena[slot * slot_bytes: slot * slot_bytes + len(frames) * frames[0].nbytes]
+        slot = self.free.pop()
+        out = self.arena[slot * self.slot_bytes: slot * self.slot_bytes + len(frames) * frames[0].nbytes]
         np.stack(frames, out=out.reshape((len(frames),) + shape))
-        results.put(("frames", rank, index, slot, (len(frames),) + shape, list(times)))
+        self.conn.send(("frames", index, slot, (len(frames),) + shape, list(times)))
         stats["samples"] += len(frames)
 
-    try:
-        if kind == "image":
-            image = load_image(source)
-            _check_fits(source, image, slot_bytes)
-            send([image], [0.0])
-        else:
-            frames, times, limit = [], [], MAX_FRAMES
-            for frame, t in iter_frames(source, fps=settings["fps"], backend=settings["backend"],
-                                        end=settings["end"], threads=settings["threads"]):
-                if not frames:
-                    _check_fits(source, frame, slot_bytes)
-                    limit = max(1, min(MAX_FRAMES, slot_bytes // frame.nbytes))
-                frames.append(frame)
-                times.append(t)
-                if len(frames) >= limit:
-                    send(frames, times)
-                    frames, times = [], []
-            if frames:
-                send(frames, times)
-    except VideoReadError as e:  # reported per file; the other files go on
-        results.put(("error", rank, index, str(e)))
-        return
-    except Exception as e:
-        results.put(("error", rank, index, f"{source}: {type(e).__name__}: {e}"))
-        return
-    stats.update(cpu_s=time.process_time() - cpu0, wall_s=time.perf_counter() - wall0)
-    results.put(("done", rank, index, stats))
+    def decode(self, index, source, kind):
+        cpu0, wall0 = time.process_time(), time.perf_counter()
+        stats, s = {"samples": 0, "slot_wait_s": 0.0}, self.settings
+        try:
+            if kind == "image":
+                image = load_image(source)
+                self.check_fits(source, image)
+                self.send(index, source, [image], [0.0], stats)
+            else:
+                frames, times, limit = [], [], MAX_FRAMES
+                for frame, t in iter_frames(source, fps=s["fps"], backend=s["backend"], end=s["end"],
+                                            threads=s["threads"]):
+                    if not frames:
+                        self.check_fits(source, frame)
+                        limit = max(1, min(MAX_FRAMES, self.slot_bytes // frame.nbytes))
+                    frames.append(frame)
+                    times.append(t)
+                    if len(frames) >= limit:
+                        self.send(index, source, frames, times, stats)
+                        frames, times = [], []
+                if frames:
+                    self.send(index, source, frames, times, stats)
+        except VideoReadError as e:  # reported per file; the other files go on
+            self.conn.send(("error", index, str(e)))
+            return
+        except Exception as e:
+            self.conn.send(("error", index, f"{source}: {type(e).__name__}: {e}"))
+            return
+        stats.update(cpu_s=time.process_time() - cpu0, wall_s=time.perf_counter() - wall0)
+        self.conn.send(("done", index, stats))
+
+    def check_fits(self, source, frame):
+        if frame.nbytes > self.slot_bytes:
+            raise VideoReadError(f"{source}: a {frame.shape[1]}x{frame.shape[0]} frame ({frame.nbytes} bytes) does "
+                                 f"not fit a decoder slot of {self.slot_bytes} bytes (DecoderPool slot_bytes)")
 
 
-def _check_fits(source, frame, slot_bytes):
-    if frame.nbytes > slot_bytes:
-        raise VideoReadError(f"{source}: a {frame.shape[1]}x{frame.shape[0]} frame ({frame.nbytes} bytes) does not "
-                             f"fit a decoder slot of {slot_bytes} bytes (DecoderPool slot_bytes)")
+def _worker_main(rank, buffer, slots, slot_bytes, settings, conn):
+    _Worker(rank, buffer, slots, slot_bytes, settings, conn).main()
 
 
 class DecoderPool:
-    """`num_workers` decoder processes (default one per core) with `slots` shared slots of `slot_bytes` each.
+    """`num_workers` decoder processes (default one per usable core) with `slots` shared slots of
+    `slot_bytes` each.
 
     Workers are forked at construction: build the pool before the process starts threads or uses CUDA
     (the workers never touch CUDA, as a training loop's DataLoader workers). Fork only: the shared
@@ -146,29 +164,26 @@ class DecoderPool:
         self._buffer = mmap.mmap(-1, self.num_workers * self.slots * self.slot_bytes)  # anonymous, shared
         self._arena = torch.frombuffer(self._buffer, dtype=torch.uint8)  # the parent's view of every slot
         context = torch.multiprocessing.get_context("fork")
-        self._jobs = context.Queue()
-        self._results = context.Queue()
-        self._free = [context.Queue() for _ in range(self.num_workers)]
-        for free in self._free:
-            for slot in range(self.slots):
-                free.put(slot)
-        self._workers = [context.Process(target=_worker_main, name=f"decoder-{rank}", daemon=True,
-                                         args=(rank, self._buffer, self.slots, self.slot_bytes, self.settings,
-                                               self._jobs, self._free[rank], self._results, os.getpid()))
-                         for rank in range(self.num_workers)]
-        for worker in self._workers:
+        self._conns, self._workers = [], []
+        for rank in range(self.num_workers):
+            mine, theirs = context.Pipe(duplex=True)
+            worker = context.Process(target=_worker_main, name=f"decoder-{rank}", daemon=True,
+                                     args=(rank, self._buffer, self.slots, self.slot_bytes, self.settings, theirs))
             worker.start()
-        ready = set()
-        while len(ready) < self.num_workers:
-            tag, rank, *_ = self._get(lambda: f"{self.num_workers - len(ready)} decoder(s) did not start")
-            if tag == "ready":
-                ready.add(rank)
-        self.start_s = time.perf_counter() - started  # fork + first queue round trip of every worker
-        self.pinned = False
-        self.current = {}  # worker -> job index it is decoding
+            theirs.close()
+            self._conns.append(mine)
+            self._workers.append(worker)
+        self.pinned, self._closed, self._broken = False, False, False
+        self.alive = set(range(self.num_workers))
+        for rank, conn in enumerate(self._conns):
+            if not conn.poll(START_TIMEOUT_S):
+                self.close()
+                raise RuntimeError(f"decoder process {rank} did not start in {START_TIMEOUT_S:.0f}s")
+            conn.recv()  # ("ready", rank, pid)
+        self.start_s = time.perf_counter() - started  # fork + the first message of every worker
+        self.pids = [w.pid for w in self._workers]
         self.worker_stats = [{"files": 0, "samples": 0, "cpu_s": 0.0, "wall_s": 0.0, "slot_wait_s": 0.0}
                              for _ in range(self.num_workers)]
-        self._closed = self._broken = False
 
     def pin(self):
         """Page-lock the slots for asynchronous copies to the GPU (once; a no-op without CUDA). Returns
@@ -182,20 +197,6 @@ class DecoderPool:
             self.pinned = False
         return self.pinned
 
-    def _get(self, what, timeout=RESULT_TIMEOUT_S):
-        """The next result; raises naming `what()` when every worker died or nothing came in `timeout`."""
-        waited = 0.0
-        while True:
-            try:
-                return self._results.get(timeout=WAIT_S)
-            except queue.Empty:
-                waited += WAIT_S
-                dead = [w for w in self._workers if not w.is_alive()]
-                if len(dead) == len(self._workers) or waited >= timeout:
-                    codes = sorted({w.exitcode for w in dead}, key=str)
-                    raise RuntimeError(f"{what()}: {len(dead)} of {self.num_workers} decoder processes ended "
-                                       f"(exit codes {codes}), no message for {waited:.0f}s") from None
-
     def run(self, jobs, idle=None):
         """Decode `jobs` (objects with .index, .source, .kind): yields the messages above until every job is
         done or failed. A worker that dies fails the file it was decoding; the others go on. `idle()` is
@@ -204,75 +205,85 @@ class DecoderPool:
         if self._closed or self._broken:
             raise RuntimeError("the decoder pool is closed" if self._closed else
                                "the decoder pool's last run was left unfinished; close it and start another")
-        pending = {}
-        for job in jobs:
-            pending[job.index] = job
-            self._jobs.put((job.index, str(job.source), job.kind))
         self._broken = True  # until this run ends
-        yield from self._messages(jobs, pending, idle)
+        yield from self._messages(jobs, idle)
         self._broken = False
 
-    def _messages(self, jobs, pending, idle):
-        lost, quiet_since = set(), time.perf_counter()
+    def _messages(self, jobs, idle):
+        todo = collections.deque(jobs)
+        sources = {job.index: str(job.source) for job in jobs}
+        pending, current = set(sources), {}  # current: worker -> job index it decodes
+
+        def assign(rank):
+            if todo and rank in self.alive:
+                job = todo.popleft()
+                current[rank] = job.index
+                self._conns[rank].send(("job", job.index, str(job.source), job.kind))
+
+        for rank in sorted(self.alive):
+            assign(rank)
+        quiet_since = time.perf_counter()
         while pending:
-            try:
-                message = self._results.get_nowait()
-            except queue.Empty:
+            if not self.alive:
+                raise RuntimeError(f"every decoder process ended; {len(pending)} file(s) not decoded")
+            conns = [self._conns[r] for r in self.alive]
+            ready = wait_ready(conns, timeout=0)
+            if not ready:
                 if idle is not None:
                     idle()
-                message = None
-            if message is None:
-                try:
-                    message = self._results.get(timeout=WAIT_S)
-                except queue.Empty:
-                    message = None
-            if message is None:
-                for rank, worker in enumerate(self._workers):
-                    if not worker.is_alive() and rank not in lost:
-                        lost.add(rank)
-                        index = self.current.pop(rank, None)
-                        if index in pending:
-                            pending.pop(index)
-                            yield {"tag": "error", "job": index, "error": f"{self._source(jobs, index)}: decoder "
-                                   f"process {worker.pid} ended (exit code {worker.exitcode}) while decoding it"}
-                if len(lost) == len(self._workers) and pending:
-                    raise RuntimeError(f"every decoder process ended; {len(pending)} file(s) not decoded")
+                ready = wait_ready(conns + [self._workers[r].sentinel for r in self.alive], timeout=WAIT_S)
+            if not ready:
                 if time.perf_counter() - quiet_since > RESULT_TIMEOUT_S:
-                    stuck = sorted(self._source(jobs, i) for i in self.current.values())
-                    raise RuntimeError(f"no message from the decoders for {RESULT_TIMEOUT_S:.0f}s; decoding {stuck}")
+                    raise RuntimeError(f"no message from the decoders for {RESULT_TIMEOUT_S:.0f}s; decoding "
+                                       f"{sorted(sources[i] for i in current.values())}")
                 continue
             quiet_since = time.perf_counter()
-            tag, rank = message[0], message[1]
-            if tag == "start":
-                self.current[rank] = message[2]
-            elif tag == "frames":
-                _, _, index, slot, shape, times = message
-                offset = (rank * self.slots + slot) * self.slot_bytes
-                count = int(np.prod(shape))
-                frames = self._arena[offset: offset + count].view(shape)  # (b, H, W, 3) uint8, no copy
-                yield {"tag": "frames", "job": index, "frames": frames, "times": times, "slot": (rank, slot)}
-            elif tag == "done":
-                index, stats = message[2], message[3]
-                self.current.pop(rank, None)
-                record = self.worker_stats[rank]
-                record["files"] += 1
-                for key in ("samples", "cpu_s", "wall_s", "slot_wait_s"):
-                    record[key] += stats[key]
-                pending.pop(index, None)
-                yield {"tag": "done", "job": index}
-            elif tag == "error":
-                self.current.pop(rank, None)
-                pending.pop(message[2], None)
-                yield {"tag": "error", "job": message[2], "error": message[3]}
-
-    @staticmethod
-    def _source(jobs, index):
-        return next((str(j.source) for j in jobs if j.index == index), f"job {index}")
+            for rank in sorted(self.alive):
+                conn, ended = self._conns[rank], False
+                while conn.poll(0):
+                    try:
+                        message = conn.recv()
+                    except (EOFError, OSError):
+                        ended = True  # the worker is gone and everything it sent has been read
+                        break
+                    tag = message[0]
+                    if tag == "frames":
+                        _, index, slot, shape, times = message
+                        offset = (rank * self.slots + slot) * self.slot_bytes
+                        frames = self._arena[offset: offset + int(np.prod(shape))].view(shape)  # (b, H, W, 3)
+                        yield {"tag": "frames", "job": index, "frames": frames, "times": times, "slot": (rank, slot)}
+                        continue
+                    index = message[1]
+                    current.pop(rank, None)
+                    pending.discard(index)
+                    if tag == "done":
+                        record = self.worker_stats[rank]
+                        record["files"] += 1
+                        for key in ("samples", "cpu_s", "wall_s", "slot_wait_s"):
+                            record[key] += message[2][key]
+                        yield {"tag": "done", "job": index}
+                    else:
+                        yield {"tag": "error", "job": index, "error": message[2]}
+                    assign(rank)
+                worker = self._workers[rank]
+                if ended or (not worker.is_alive() and not conn.poll(0)):
+                    worker.join(timeout=WAIT_S)
+                    self.alive.discard(rank)
+                    index = current.pop(rank, None)
+                    if index is not None:
+                        pending.discard(index)
+                        yield {"tag": "error", "job": index, "error": f"{sources[index]}: decoder process "
+                               f"{worker.pid} ended (exit code {worker.exitcode}) while decoding it"}
+        # a worker that died between files leaves nothing pending; the next run goes on without it
 
     def release(self, slot):
         """Give a (worker, slot) back to its worker: the parent no longer reads it."""
         rank, index = slot
-        self._free[rank].put(index)
+        if rank in self.alive:
+            try:
+                self._conns[rank].send(("slot", index))
+            except (BrokenPipeError, OSError):  # it died; run() reports its file
+                pass
 
     def stats(self):
         """Per-worker totals since the pool started: files, samples, CPU and wall seconds decoding, seconds
@@ -283,8 +294,11 @@ class DecoderPool:
         if self._closed:
             return
         self._closed = True
-        for _ in self._workers:
-            self._jobs.put(None)
+        for rank in sorted(self.alive):
+            try:
+                self._conns[rank].send(("stop",))
+            except (BrokenPipeError, OSError):
+                pass
         deadline = time.perf_counter() + 10.0
         for worker in self._workers:
             worker.join(timeout=max(0.1, deadline - time.perf_counter()))
@@ -292,12 +306,11 @@ class DecoderPool:
             if worker.is_alive():
                 worker.terminate()
                 worker.join(timeout=5.0)
+        for conn in self._conns:
+            conn.close()
         if self.pinned:
             torch.cuda.cudart().cudaHostUnregister(self._arena.data_ptr())
             self.pinned = False
-        for q in [self._jobs, self._results, *self._free]:
-            q.cancel_join_thread()
-            q.close()
 
     def __enter__(self):
         return self
