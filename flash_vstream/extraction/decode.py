@@ -8,13 +8,14 @@ pins and copies to the device without a staging copy.
 
 Each worker owns `slots` buffers of `slot_bytes` in one anonymous shared mapping (MAP_SHARED, made
 before the fork: no /dev/shm file, no segment per message) and one pipe to the parent. The parent hands
-each worker one file at a time, the next as soon as it reports the last one done (long and short files
-balance out). The worker decodes it with `video_io.iter_frames` (sparse decoding, `threads` FFmpeg
-threads), writes up to a slot's worth of frames into a free slot and sends a small message; the parent
-hands the slot back with `release` once it no longer reads it (on CUDA: when the copy to the device is
-done). The slots bound the frames in flight: a worker waits for a free slot when the consumer falls
-behind, and that wait is counted. Nothing is shared between workers (no queue lock a killed worker could
-leave held): a worker that dies fails the file it had, and the parent sees it at once (its sentinel).
+each worker one file at a time, the largest first, the next as soon as it reports the last one done
+(long and short files balance out). The worker decodes it with `video_io.iter_frames` (sparse decoding,
+`threads` FFmpeg threads), writes up to a slot's worth of frames into a free slot and sends a small
+message; the parent hands the slot back with `release` once it no longer reads it (on CUDA: when the
+copy to the device is done). The slots bound the frames in flight: a worker waits for a free slot when
+the consumer falls behind, and that wait is counted. Nothing is shared between workers (no queue lock a
+killed worker could leave held): a worker that dies fails the file it had, and the parent sees it at
+once (its sentinel).
 
 Messages from `run`:
     {"tag": "frames", "job": i, "frames": uint8 (b, H, W, 3) view of the slot, "times": [b seconds],
@@ -140,6 +141,13 @@ class _Worker:
                                  f"not fit a decoder slot of {self.slot_bytes} bytes (DecoderPool slot_bytes)")
 
 
+def _size(job):
+    try:
+        return os.path.getsize(job.source)
+    except (OSError, TypeError, ValueError):  # a URL, or gone: it fails when decoded, by name
+        return 0
+
+
 def _worker_main(rank, buffer, slots, slot_bytes, settings, conn):
     _Worker(rank, buffer, slots, slot_bytes, settings, conn).main()
 
@@ -210,7 +218,8 @@ class DecoderPool:
         self._broken = False
 
     def _messages(self, jobs, idle):
-        todo = collections.deque(jobs)
+        # the largest files first: the run does not end on one worker decoding a long file alone
+        todo = collections.deque(sorted(jobs, key=_size, reverse=True))
         sources = {job.index: str(job.source) for job in jobs}
         pending, current = set(sources), {}  # current: worker -> job index it decodes
 
