@@ -45,11 +45,13 @@ def test_a_level_holds_only_when_every_target_does(change, holds):
 
 @pytest.mark.slow  # ~35 s on two busy cores: spawned client processes, three short load levels
 def test_serve_benchmark_smoke(tmp_path):
+    """scripts/bench_serve.sh OUT --smoke: the report and the plot; the plot drawn again from the report."""
     out = tmp_path / "serve.json"
-    env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
-    run = subprocess.run([sys.executable, "-m", "benchmarks.serve", "--output", str(out), "--preset", "tiny",
-                          "--device", "cpu", "--smoke", "--levels", "1,2"], cwd=REPO, env=env,
-                         capture_output=True, text=True, timeout=300)
+    env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false",
+               PATH=os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", ""))
+    run = subprocess.run(["bash", "scripts/bench_serve.sh", str(tmp_path), "--preset", "tiny", "--device", "cpu",
+                          "--smoke", "--levels", "1,2"], cwd=REPO, env=env, capture_output=True, text=True,
+                         timeout=300)
     assert run.returncode == 0, run.stdout + run.stderr
     report = json.loads(out.read_text())
     assert [row["streams"] for row in report["levels"]] == [1, 2]
@@ -66,6 +68,7 @@ def test_serve_benchmark_smoke(tmp_path):
     assert report["single_session"]["ratio"] > 0
     assert set(report["largest_holding"]) == {"server", "baseline"}
     assert "largest N that holds" in run.stdout and "baseline" in run.stdout
+    assert (tmp_path / "serve_latency.png").stat().st_size > 10_000
     png = tmp_path / "latency.png"  # the docs' plot is drawn from a report the same way
     replot = subprocess.run([sys.executable, "-m", "benchmarks.serve", "--output", str(out), "--replot", "--plot",
                              str(png)], cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
