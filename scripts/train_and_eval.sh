@@ -1,7 +1,11 @@
 #!/usr/bin/env bash
 # Stage 1 (alignment) -> stage 2 (instruction tuning) -> all evaluations, with DeepSpeed.
 # The hyperparameters are the paper's (Table 7). Everything below is overridable from the environment:
-#   NUM_GPUS=8 GPU_IDS=0,1,..  HOSTFILE=path (multi-node; NUM_NODES then counts its hosts)
+#   NUM_GPUS=8 GPU_IDS=0,1,..  HOSTFILE=path (multi-node, one "host slots=N" line per node: NUM_NODES and
+#   NUM_GPUS are then its host count and slots; the DeepSpeed launcher reaches the hosts by ssh, or, with
+#   NODE_RANK=0..NUM_NODES-1 MASTER_ADDR=<node 0> [MASTER_PORT=29500], run this script on every node: --no_ssh;
+#   HOST_INCLUDE=node0:0,1,2,3@node1:4,5,6,7: DeepSpeed's --include, the same count of GPUs of each host, e.g.
+#   two "nodes" on one 8-GPU host; NUM_GPUS is then that count)
 #   PRETRAIN_BATCH_PER_GPU=32  FINETUNE_BATCH_PER_GPU=16  (global batches stay 256 / 128:
 #   gradient accumulation = global / (per-GPU batch x GPUs x nodes))
 #   LLM=ckpt/vicuna-7b-v1.5  VISION_TOWER=ckpt/clip-vit-large-patch14  DATA_ROOT=data
@@ -16,6 +20,26 @@ cd "$(dirname "$0")/.."
 NUM_GPUS=${NUM_GPUS:-8}
 NUM_NODES=${NUM_NODES:-1}
 GPU_IDS=${GPU_IDS:-$(seq -s, 0 $((NUM_GPUS - 1)))}
+if [[ -n "${HOSTFILE:-}" ]]; then  # multi-node: the nodes and their GPUs are the hostfile's
+    if [[ ! -f "$HOSTFILE" ]]; then echo "error: HOSTFILE=$HOSTFILE is not a file" >&2; exit 2; fi
+    NUM_NODES=$(awk '$1 !~ /^#/ && NF {n++} END {print n + 0}' "$HOSTFILE")
+    SLOTS=$(awk '$1 !~ /^#/ && NF {s = "none"; for (i = 2; i <= NF; i++) if ($i ~ /^slots=[0-9]+$/) s = substr($i, 7);
+                                   print s}' "$HOSTFILE" | sort -u)
+    if [[ ! "$SLOTS" =~ ^[1-9][0-9]*$ ]]; then
+        echo "error: HOSTFILE=$HOSTFILE needs one 'host slots=N' line per node, N the same on every node" \
+             "(slots found: ${SLOTS//$'\n'/ })" >&2
+        exit 2
+    fi
+    NUM_GPUS=$SLOTS
+    if [[ -n "${HOST_INCLUDE:-}" ]]; then  # host:ids@host:ids, as many ids on every host
+        COUNTS=$(tr '@' '\n' <<< "$HOST_INCLUDE" | awk -F: 'NF == 2 && $2 != "" {print split($2, ids, ",")} NF != 2 || $2 == "" {print "none"}' | sort -u)
+        if [[ ! "$COUNTS" =~ ^[1-9][0-9]*$ ]]; then
+            echo "error: HOST_INCLUDE=$HOST_INCLUDE needs host:ids for every host, as many ids on each" >&2
+            exit 2
+        fi
+        NUM_GPUS=$COUNTS
+    fi
+fi
 PRETRAIN_GLOBAL_BATCH=256
 FINETUNE_GLOBAL_BATCH=128
 PRETRAIN_BATCH_PER_GPU=${PRETRAIN_BATCH_PER_GPU:-32}
@@ -59,7 +83,16 @@ compile_flag() {  # DeepSpeed config -> --compile_decoder_layers value
     if grep -Eq '"stage": *3' "$1"; then echo False; else echo "$COMPILE"; fi
 }
 
-if [[ -n "${HOSTFILE:-}" ]]; then LAUNCH=(deepspeed --hostfile "$HOSTFILE"); else LAUNCH=(deepspeed --include "localhost:$GPU_IDS"); fi
+if [[ -n "${HOSTFILE:-}" ]]; then
+    LAUNCH=(deepspeed --hostfile "$HOSTFILE")
+    if [[ -n "${HOST_INCLUDE:-}" ]]; then LAUNCH+=(--include "$HOST_INCLUDE"); fi
+    if [[ -n "${NODE_RANK:-}" ]]; then  # no ssh between the nodes: this node's processes; node 0 holds the rendezvous
+        LAUNCH+=(--no_ssh --node_rank "$NODE_RANK" --master_addr "${MASTER_ADDR:?NODE_RANK needs MASTER_ADDR (node 0)}"
+                 --master_port "${MASTER_PORT:-29500}")
+    fi
+else
+    LAUNCH=(deepspeed --include "localhost:$GPU_IDS")
+fi
 
 # Memory and vision settings: the released config's values, identical in both stages.
 MEMORY_FLAGS=(
