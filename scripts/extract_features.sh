@@ -13,8 +13,8 @@
 #
 # Environment: GPUS (comma list, default: all visible), NUM_CHUNKS (processes: default one per GPU, 1 on
 # CPU; more chunks than GPUs share them round robin), VISION_TOWER, FPS, DTYPE, BATCH_SIZE,
-# NUM_WORKERS (decode threads per process), DATA (default data), DEVICE (cuda, or cpu without GPUs),
-# PYTHON. Missing folders are skipped with a message. Reruns skip finished files. Exit status 1
+# NUM_WORKERS (decoders per process; default: the cores shared out among the processes), DATA (default
+# data), DEVICE (cuda, or cpu without GPUs), PYTHON. Missing folders are skipped with a message. Reruns skip finished files. Exit status 1
 # when any file failed; the failures are listed in each output folder's extract_report*.json.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -25,7 +25,6 @@ VISION_TOWER=${VISION_TOWER:-ckpt/clip-vit-large-patch14}
 FPS=${FPS:-1}
 DTYPE=${DTYPE:-fp16}
 BATCH_SIZE=${BATCH_SIZE:-128}
-NUM_WORKERS=${NUM_WORKERS:-4}
 DATA=${DATA:-data}
 PYTHON=${PYTHON:-python}
 EVAL_DATASETS=${EVAL_DATASETS:-"ActivityNet-QA MSRVTT-QA MSVD-QA nextoe vstream vstream-realtime"}
@@ -43,6 +42,8 @@ else
 fi
 NUM=${NUM_CHUNKS:-${#GPU_LIST[@]}}
 if ! [[ "$NUM" =~ ^[1-9][0-9]*$ ]]; then echo "error: NUM_CHUNKS must be a whole number >= 1, got '$NUM'" >&2; exit 2; fi
+# each process would otherwise start one decoder per core: NUM processes would ask for NUM x the cores
+NUM_WORKERS=${NUM_WORKERS:-$(( $(nproc) / NUM > 0 ? $(nproc) / NUM : 1 ))}
 FAILED=0
 
 # extract INPUT OUTPUT [more flags]: NUM processes (process i on GPU i mod the GPU count), each on its shard of
