@@ -397,6 +397,8 @@ def run_level(bench, n, interval, warmup, questions_each, pool_ctx):
     for s in streams:
         s.ingest_lag.reset()
     dropped_before = sum(s.frames_dropped for s in streams)  # a late client's catch-up burst of the warm-up
+    deferred_before = engine.questions_deferred
+    engine.stats["encode_memory_update"].reset()
     gpu_memory(bench.device, reset=True)
     window = time.monotonic()
     aborted = None
@@ -432,9 +434,12 @@ def run_level(bench, n, interval, warmup, questions_each, pool_ctx):
         engine.remove_session(sid)
     questions = [q for o in outs for q in o.get("questions", [])]
     errors = [o["error"] for o in outs if "error" in o] + [e for o in outs for e in o.get("errors", [])]
-    return summarize("server", n, lags, questions, dropped, ingested, sum(o.get("frames_sent", 0) for o in outs),
-                     errors, aborted, bench.gpu.busy(window, window_end), gpu_memory(bench.device),
-                     time.monotonic() - started, interval)
+    row = summarize("server", n, lags, questions, dropped, ingested, sum(o.get("frames_sent", 0) for o in outs),
+                    errors, aborted, bench.gpu.busy(window, window_end), gpu_memory(bench.device),
+                    time.monotonic() - started, interval)
+    row["questions_deferred"] = engine.questions_deferred - deferred_before  # held back while ingest was behind
+    row["ingest_s"] = engine.stats["encode_memory_update"].summary()  # the engine's encode + update, per frame
+    return row
 
 
 def summarize(kind, n, lags, questions, dropped, ingested, sent, errors, aborted, busy, memory, seconds, interval):

@@ -40,7 +40,7 @@ from ..sources import FrameSource, open_source
 
 HEADROOM_FRACTION = 0.10  # CUDA default budget: free memory after loading less this share of the device ...
 HEADROOM_MIN_BYTES = 4 * 2**30  # ... and at least this much (activations of a CLIP batch, prefill, fragments)
-INGEST_LAG_TARGET_S = 0.5
+INGEST_LAG_TARGET_S = 0.75  # three quarters of the 1-s lag a 1-fps viewer notices: room to catch up
 MAX_ANSWER_DEFER_S = 1.0
 
 
