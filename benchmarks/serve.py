@@ -163,6 +163,27 @@ def example_frames(path, width=320, quality=80):
     return out
 
 
+def host_costs(bench, repeats=30):
+    """Milliseconds of host work one frame costs the server before the GPU sees it: the JPEG decode (the
+    server's I/O threads) and the CLIP preprocessing (the image processor, on the ingest lane's thread)."""
+    from flash_vstream.mm_utils import process_images
+    from flash_vstream.serve.api.inputs import decode_image
+
+    data = base64.b64decode(bench.data_urls[0].split(",", 1)[1])
+    frame = bench.arrays[0]
+    aspect = bench.model.config.image_aspect_ratio
+
+    def per_call_ms(fn):
+        fn()
+        started = time.perf_counter()
+        for _ in range(repeats):
+            fn()
+        return round(1e3 * (time.perf_counter() - started) / repeats, 3)
+
+    return {"cpu_count": os.cpu_count(), "jpeg_decode_ms": per_call_ms(lambda: decode_image(data, len(data) + 1)),
+            "clip_preprocess_ms": per_call_ms(lambda: process_images([frame], bench.processor, aspect))}
+
+
 # --- GPU sampling -------------------------------------------------------------------------------------------
 class GpuSampler:
     """nvidia-smi's utilization.gpu every 200 ms while running (None off CUDA or without nvidia-smi)."""
@@ -686,8 +707,11 @@ def parse_args(argv=None):
     p.add_argument("--replot", action="store_true",
                    help="no measuring: print the table of --output's JSON and draw --plot from it")
     args = p.parse_args(argv)
-    if args.smoke:
-        args.levels, args.baseline_levels = "1,2", "2"
+    if args.smoke:  # short levels; --levels / --baseline-levels given on the command line still count
+        if args.levels == p.get_default("levels"):
+            args.levels = "1,2"
+        if args.baseline_levels == p.get_default("baseline_levels"):
+            args.baseline_levels = "2"
         args.question_interval, args.single_interval, args.single_questions = 2.0, 1.0, 2
         args.warmup, args.tail, args.answer_tokens, args.client_procs = 1.5, 5.0, 4, 1
     args.levels = tuple(int(x) for x in args.levels.split(",") if x.strip())
@@ -728,6 +752,7 @@ def main(argv=None):
     bench.arrays, bench.data_urls = [a for a, _ in frames], [u for _, u in frames]
     report["frames"] = {"video": os.path.relpath(args.video), "distinct": len(frames),
                         "shape": list(frames[0][0].shape), "jpeg_data_url_bytes": len(frames[0][1])}
+    report["host"] = host_costs(bench)
     bench.gpu = GpuSampler(device)
     if bench.gpu.proc is None and device.type == "cuda":
         report["notes"].append("no nvidia-smi: GPU busy fraction not measured")
