@@ -46,7 +46,8 @@ class _Writer(threading.Thread):
         super().__init__(name="extract-writer", daemon=True)
         self.inbox = queue.Queue(maxsize=WRITER_QUEUE)
         self.metadata, self.fps, self.report, self.bar = metadata, fps, report, bar
-        self.done, self.frames, self.error = [], 0, None
+        self.done, self.error = [], None
+        self.rows, self.frames = 0, 0  # rows received (the progress bar), frames of the files saved
         self.started = time.time()
         self._partial = {}  # job index -> ([feature chunks], [timestamps])
         self.failed_jobs = set()
@@ -89,8 +90,8 @@ class _Writer(threading.Thread):
             chunks, all_times = self._partial.setdefault(job.index, ([], []))
             chunks.append(features[first:first + count].clone())  # off the pinned batch
             all_times.extend(times)
-            self.frames += count
-        self.bar.set_postfix(frames=self.frames, fps=f"{self.frames / (time.time() - self.started):.1f}")
+            self.rows += count
+        self.bar.set_postfix(frames=self.rows, fps=f"{self.rows / (time.time() - self.started):.1f}")
 
     def _on_close(self, job):
         chunks, times = self._partial.pop(job.index, ([], []))
@@ -108,6 +109,8 @@ class _Writer(threading.Thread):
             save_features(job.output, feature, dict(
                 self.metadata, fps=0.0 if job.kind == "image" else self.fps, timestamps=times, source=job.source,
                 kind=job.kind))
+            with self._lock:
+                self.frames += len(times)
             self.done.append(job)
         except Exception as e:
             self.failed_jobs.add(job.index)
@@ -253,7 +256,7 @@ def run_pipeline(jobs, encoder, metadata, fps, batch_size, report, progress, poo
 
     def to_pixels(job, message):
         """The message's frames, preprocessed on the device; its slot handed back (now, or when copied)."""
-        start = clock.start()
+        start, queued = clock.start(), False
         try:
             frames = message["frames"]  # (b, H, W, 3) uint8, a view of the decoder's slot
             if on_cuda:
@@ -261,13 +264,13 @@ def run_pipeline(jobs, encoder, metadata, fps, batch_size, report, progress, poo
                 event = torch.cuda.Event()
                 event.record()
                 releases.append((event, message["slot"]))
-            pixels = preprocess(frames)  # (b, 3, S, S): new memory, the slot is not read after this
-            return pixels
+                queued = True
+            return preprocess(frames)  # (b, 3, S, S): new memory, the slot is not read after this
         except Exception as e:
             fail(job, f"{job.source}: preprocessing: {type(e).__name__}: {e}")
             return None
         finally:
-            if not on_cuda:
+            if not queued:  # on the CPU (or a failed copy) nothing reads the slot any more
                 pool.release(message["slot"])
             clock.stop(start)
 
