@@ -4,7 +4,7 @@ STAR memory update.
 `IngestBatcher.ingest` takes (name, session, frame, timestamp) items and runs, for all of them at once:
   1. preprocessing, per frame (a frame that is not an image fails its own item only);
   2. one CLIP forward per group of sessions that share a model and a vision path (the fast path's
-     `FastVisionEncoder` on CUDA, the tower's own modules otherwise): `StreamSession.encode_batch`;
+     `FastVisionEncoder` on CUDA, the tower's own modules otherwise): `StreamSession.batch_encoder`;
   3. one `MemoryStack.update` per group of memories of one config, device, dtype and Semantic Attention:
      the batcher keeps one stack per group, and a session's memory joins it at its first batched frame;
   4. one read of every memory's tokens and one device-to-host copy of their timestamps, then each session
@@ -32,6 +32,9 @@ class IngestBatcher:
 
     def __init__(self):
         self._stacks = {}  # (config key, device, dtype, id(attention module)) -> MemoryStack
+        # (id(model), fast) -> (model, the batch encoder of the first session seen): one encoder per model, so that
+        # a fast path's graphs and compiled code are built once, not for every session that leads a batch
+        self._encoders = {}
 
     def stacks(self):
         return list(self._stacks.values())
@@ -73,10 +76,12 @@ class IngestBatcher:
             session = items[i][1]
             groups.setdefault((id(session.model), session.fast), []).append(i)
         out = {}
-        for group in groups.values():
+        for key, group in groups.items():
             first = items[group[0]][1]
             try:
-                features = first.encode_batch(torch.cat([pixels[i] for i in group]))  # (B, 256, D)
+                if key not in self._encoders:
+                    self._encoders[key] = (first.model, first.batch_encoder())
+                features = self._encoders[key][1](torch.cat([pixels[i] for i in group]))  # (B, 256, D)
             except Exception:  # noqa: BLE001 - find the items that fail: each alone
                 for i in group:
                     name, session, _, t = items[i]

@@ -25,6 +25,7 @@ Sampling (temperature > 0) and templates whose stop string is not EOS use `model
 
 import bisect
 import dataclasses
+import functools
 import threading
 import time
 
@@ -273,17 +274,23 @@ class StreamSession:
 
     @torch.inference_mode()
     def encode_batch(self, pixels):
-        """(B, 3, S, S) frames of several streams -> (B, 256, D) in one forward (the batched ingest). The fast path:
-        its encoder's batched path. Otherwise the tower's own modules with the patch embedding frame by frame, so
-        that each frame's features are those `encode_pixels` gives it alone."""
+        """(B, 3, S, S) frames of several streams -> (B, 256, D) in one forward (the batched ingest)."""
+        return self.batch_encoder()(pixels)
+
+    def batch_encoder(self):
+        """What `encode_batch` runs, as a callable that does not hold the session (the batched ingest keeps one per
+        model for all its sessions). The fast path: its encoder (batches through its batched path). Otherwise the
+        tower's own modules with the patch embedding frame by frame, so that each frame's features are those
+        `encode_pixels` gives it alone."""
         if self.fast and self._tower_loaded():
-            return self._fast_vision()(pixels)  # (B, 256, D)
+            return self._fast_vision()
         if not self._tower_loaded():
-            return self.model.encode_images([pixels])[0]  # its error: the tower is not loaded
+            model = self.model
+            return lambda pixels: model.encode_images([pixels])[0]  # its error: the tower is not loaded
         if self._stock_vision is None:
             tower = self.model.get_vision_tower()
             self._stock_vision = FastVisionEncoder(tower.vision_tower, tower.select_layer, tower.select_feature)
-        return self._stock_vision.eager(pixels, per_frame_embedding=True)  # (B, 256, D)
+        return functools.partial(self._stock_vision.eager, per_frame_embedding=True)
 
     def _tower_loaded(self):
         tower = self.model.get_vision_tower()

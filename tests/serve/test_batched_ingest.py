@@ -29,19 +29,16 @@ def _frames(n, fps, seed, size=(24, 32)):
 
 
 class _CountingBatches:
-    """Records the batch size of every CLIP forward the batched ingest runs through the sessions' `encode_batch`
-    (a tick runs its batch through one of the sessions sharing the model: whichever comes first)."""
+    """Records the batch size of every CLIP forward: a forward hook on the tower's first layer."""
 
-    def __init__(self, sessions):
+    def __init__(self, model):
         self.sizes = []
-        for session in sessions:
-            session.encode_batch = self._counted(session.encode_batch)
+        tower = model.get_vision_tower().vision_tower
+        layer = getattr(tower, "vision_model", tower).encoder.layers[0]
+        self._hook = layer.register_forward_hook(lambda module, args, out: self.sizes.append(int(args[0].shape[0])))
 
-    def _counted(self, encode):
-        def counted(pixels):
-            self.sizes.append(int(pixels.shape[0]))
-            return encode(pixels)
-        return counted
+    def remove(self):
+        self._hook.remove()
 
 
 def _assert_same_memory(session, lone):
@@ -62,7 +59,7 @@ def test_sessions_in_one_engine_get_the_memories_of_lone_sessions(loaded, count)
     specs = STREAMS[:count]
     streams = [_frames(n, fps, seed=i, size=size) for i, (n, fps, _, size) in enumerate(specs)]
     sessions = [_session(loaded, seed=i) for i in range(count)]
-    counter = _CountingBatches(sessions)
+    counter = _CountingBatches(loaded[1])
     held = {}
     for tick in range(max(n + first for n, _, first, _ in specs) + 1):
         for i, (n, _, first, _) in enumerate(specs):
@@ -77,8 +74,9 @@ def test_sessions_in_one_engine_get_the_memories_of_lone_sessions(loaded, count)
             if stream.ended.is_set():  # leaves between ticks
                 assert engine.remove_session(stream.id) is stream
                 del held[i]
+    counter.remove()
     assert not held and engine.error is None
-    assert sum(counter.sizes) == sum(n for n, *_ in specs)
+    assert sum(counter.sizes) == sum(n for n, *_ in specs)  # one forward per tick, of all its frames
     assert count == 1 or max(counter.sizes) > 1 and len(set(counter.sizes)) > 1  # batches of several, changing
     for i, session in enumerate(sessions):
         lone = _session(loaded, seed=i)
