@@ -526,8 +526,8 @@ def run_baseline(bench, n, interval, warmup, questions_each):
                 stop.set()
                 return
             first = []
-            result = sessions[i].ask(QUESTION, on_text=lambda piece: first or first.append(time.perf_counter()),
-                                     should_stop=stop.is_set)
+            sessions[i].ask(QUESTION, on_text=lambda piece: first or first.append(time.perf_counter()),
+                            should_stop=stop.is_set)
             done = time.perf_counter()
             with lock:
                 questions.append({"outcome": "done", "first_s": first[0] - due if first else None,
@@ -544,7 +544,7 @@ def run_baseline(bench, n, interval, warmup, questions_each):
     total_questions = len(ask_times) if not aborted else len(questions)
     rows = questions + [{"outcome": "unanswered"}] * (total_questions - len(questions))
     ingested = sum(s.memory.frames_seen for s in sessions)
-    del sessions
+    sessions.clear()  # their memories: the next level's budget is taken from what is free
     free_accelerator(bench.device)
     return summarize("baseline", n, lags, rows, 0, ingested,
                      len(frame_times), [], aborted[0] if aborted else None, bench.gpu.busy(window, window_end),
