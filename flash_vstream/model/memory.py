@@ -1,4 +1,4 @@
-"""STAR memory: the spatial, temporal, abstract and retrieved memory of one video stream.
+"""STAR memory: the spatial, temporal, abstract and retrieved memory of a video stream, one or many at once.
 
 A small state machine over tensors (paper §3.2). Training and offline eval feed a
 whole clip as one chunk, the realtime engine feeds one frame at a time; both call the same
@@ -6,6 +6,10 @@ whole clip as one chunk, the realtime engine feeds one frame at a time; both cal
 of the features it is fed; distances and cluster arithmetic run in fp32 (matmul-based, so they
 are TF32 only if the caller switched TF32 on globally). The state is bounded: a ring buffer of
 N_buff frames plus at most N_spa + N_tem + N_abs + N_ret memory frames, whatever the stream length.
+
+The state is a row of a `MemoryStack`, fixed-size tensors for many streams. `MemoryStack.update` takes one
+frame of each of many streams at once (the engine's batched ingest); a lone stream's frame runs that same
+update with a batch of one, so a stream's memory is the same whichever streams share its stack.
 
 `config.memory_mode` picks the behaviour:
   "paper"     Algorithms 1-3 of the paper: bounded buffer, weighted k-means with persistent
@@ -298,7 +302,7 @@ class MemoryStack:
     """The stacked state of many streams' STAR memories, one row per stream, of one config, device and dtype.
 
     A `STARMemory` keeps its state in a row of a stack: its own stack of one row when it is alone, or a stack
-    shared with other streams (`STARMemory.move_to`), whose `update` then takes one new frame of every
+    shared with other streams (`STARMemory.join`), whose `update` then takes one new frame of every
     stream at once. Every size is fixed (streams at different fill levels are masked), so an update is a fixed
     set of batched kernels with no host sync: the counts of each memory are known on the host (they depend on
     the number of frames only). Rows grow by doubling; a row is freed when its memory is collected or moves.
@@ -367,6 +371,11 @@ class MemoryStack:
     @property
     def rows_used(self):
         return self.capacity - len(self._free)
+
+    @property
+    def row_nbytes(self):
+        """Bytes of one stream's row (what a memory in this stack holds, whatever its fill level)."""
+        return sum(getattr(self, name)[0].nbytes for name in self._shapes())
 
     # --- the one-frame update of many streams ----------------------------------------------------
     def update(self, memories, features, timestamps):
@@ -881,6 +890,11 @@ class STARMemory:
     def temporal_spans(self):
         """(first, last) timestamp of the frames each temporal centroid stands for, in readout order."""
         return self.describe()[2]
+
+    @property
+    def nbytes(self):
+        """Bytes of this memory's state: its row of the stack (0 before the first update)."""
+        return 0 if self._stack is None else self._stack.row_nbytes
 
     @property
     def frames_seen(self):

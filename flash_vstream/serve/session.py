@@ -625,6 +625,8 @@ def state_nbytes(obj, _depth=0):
     and configs are skipped. Used to log that the memory state stays the same size."""
     if isinstance(obj, torch.Tensor):
         return obj.nelement() * obj.element_size()
+    if isinstance(obj, STARMemory):
+        return obj.nbytes  # its row of a memory stack
     if _depth > 4 or isinstance(obj, torch.nn.Module):
         return 0
     if isinstance(obj, dict):
