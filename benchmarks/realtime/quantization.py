@@ -133,17 +133,17 @@ def kernel_section(device, use_torchao):
             row[f"{scheme}_gemv_us"] = graph_us(
                 lambda: tk.gemv(x, q.qweight, scales=q.scales, zeros=q.zeros, group_size=q.group_size))
             row[f"{scheme}_gemv_gb_per_s"] = round(byte_count / row[f"{scheme}_gemv_us"] / 1e3, 1)
-            if bits == 4 and name in ("qkv", "down_proj"):  # two other tilings of the int4 kernel
-                for config in ((8, 2, 1), (32, 2, 4)):
-                    groups = k // 128
-                    if groups % config[1]:
-                        continue
-                    key = f"int4_gemv_us_{'x'.join(map(str, config))}"
-                    try:
-                        row[key] = graph_us(lambda: tk.gemv(x, q.qweight, scales=q.scales, zeros=q.zeros,
-                                                            group_size=128, config=config))
-                    except Exception as error:  # noqa: BLE001 -- a tiling that does not compile: recorded
-                        row[key] = f"{type(error).__name__}: {str(error)[:200]}"
+            # other tilings: int8 (BLOCK_N, BLOCK_K, warps), int4 (BLOCK_N, groups unrolled, warps)
+            sweep = {8: ((8, 1024, 4), (8, 2048, 4), (32, 512, 4)), 4: ((32, 8, 4), (64, 4, 8), (8, 8, 1), (16, 2, 2))}
+            for config in sweep[bits] if name in ("qkv", "down_proj") else ():
+                if (k // 128) % config[1] if bits == 4 else k % config[1]:
+                    continue  # a tiling that does not divide this product
+                key = f"{scheme}_gemv_us_{'x'.join(map(str, config))}"
+                try:
+                    row[key] = graph_us(lambda: tk.gemv(x, q.qweight, scales=q.scales, zeros=q.zeros,
+                                                        group_size=q.group_size, config=config))
+                except Exception as error:  # noqa: BLE001 -- a tiling that does not compile: recorded
+                    row[key] = f"{type(error).__name__}: {str(error)[:200]}"
             x32 = torch.randn(32, k, device=device, dtype=torch.bfloat16)
             row[f"{scheme}_qmatmul32_us"] = graph_us(
                 lambda: tk.qmatmul(x32, q.qweight, q.scales, q.zeros, q.group_size), calls=10)

@@ -438,6 +438,10 @@ def section_quantized(b, out):
     b.decoder = None  # the bf16 decoders, caches and compiled steps go first
     torch._dynamo.reset()
     source = b.model.to("cpu")  # in place: the bf16 weights leave the GPU; later sections would need them back
+    for module in source.modules():  # the fused q/k/v and gate/up tensors are plain attributes: .to() keeps them
+        for name, value in list(vars(module).items()):
+            if isinstance(value, torch.Tensor) and name not in module._parameters and name not in module._buffers:
+                delattr(module, name)
     free_memory(device)
     out.update(schemes={}, source="the bench's bf16 LLM, on the CPU; each scheme quantized from a copy",
                resident_before_gb=round(torch.cuda.memory_allocated(device) / 1e9, 3) if device.type == "cuda" else None)
@@ -498,6 +502,10 @@ def run_section(b, name):
         return
     if name == "quantized" and not b.args.quantized:
         out.update(status="skipped", reason="no --quantized schemes")
+        b.report.save()
+        return
+    if name == "vision_split" and b.args.vision_device is None:
+        out.update(status="skipped", reason="no --vision-device")
         b.report.save()
         return
     if b.time_left() < 5:

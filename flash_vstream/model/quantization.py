@@ -7,8 +7,9 @@ dtype):
 - int8: symmetric, one scale per output channel: w[r] = scale[r] * q[r], q in [-127, 127]. The scale
   factors out of each row's sum, so a matrix-vector product multiplies by it once at the end.
 - int4: asymmetric in groups of `group_size` (128) consecutive input columns: w = q * scale + zero,
-  q in [0, 15], zero = the group's minimum. Two values a byte: byte c of a row holds column 2c in its
-  low nibble and 2c + 1 in its high one.
+  q in [0, 15], zero = the group's minimum. Two values a byte, within a group: its byte c holds the
+  group's column c in the low nibble and column c + group_size / 2 in the high one (each half of a group
+  then multiplies a contiguous slice of the input).
 
 Quantized: each LLaMA layer's q/k/v/o and gate/up/down projections and the LM head. Kept in the model's
 dtype: the token embedding (a lookup, not read whole per token), the norms, the projector, the Semantic
@@ -63,7 +64,8 @@ class QuantizedWeight:
         if self.bits == 8:
             return (self.qweight.float() * self.scales.float()[:, None]).to(dtype)
         n, k = self.shape
-        q = torch.stack((self.qweight & 15, self.qweight >> 4), dim=-1).view(n, k // self.group_size, self.group_size)
+        packed = self.qweight.view(n, k // self.group_size, self.group_size // 2)  # (N, groups, G / 2)
+        q = torch.cat((packed & 15, packed >> 4), dim=-1)  # (N, groups, G): low nibbles first half, high second
         w = q.float() * self.scales.float()[..., None] + self.zeros.float()[..., None]  # (N, groups, G)
         return w.view(n, k).to(dtype)
 
@@ -97,8 +99,8 @@ def quantize_weight(weight, bits, group_size=GROUP_SIZE, dtype=None):
     zeros = low.to(dtype)
     # round against the stored (possibly bf16) scale and zero: what every reader dequantizes with
     q = torch.round((groups - zeros.float()[..., None]) / scales.float()[..., None]).clamp_(0, 15).to(torch.uint8)
-    q = q.view(n, k // 2, 2)  # (N, K / 2, [even, odd])
-    packed = q[..., 0] | (q[..., 1] << 4)  # (N, K / 2)
+    first, second = q.view(n, k // size, size).chunk(2, dim=-1)  # (N, groups, G / 2): each group's halves
+    packed = (first | (second << 4)).reshape(n, k // 2)  # (N, K / 2)
     return QuantizedWeight(packed.contiguous(), scales.contiguous(), zeros.contiguous(), size)
 
 

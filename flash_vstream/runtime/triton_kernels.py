@@ -147,31 +147,27 @@ if triton is not None:
         tl.store(out, (acc / total[:, None]).to(out_ptr.dtype.element_ty), mask=row_ok[:, None])
 
     @triton.jit
-    def _input_pair(x_ptr, norm_ptr, cols, k: tl.constexpr, NORM: tl.constexpr, GATED: tl.constexpr):
-        """The product's input at columns 2c and 2c + 1 for packed columns `cols` (one int4 byte holds
-        those two), gated, and scaled by the norm weight -> (even, odd, their squares before the norm
-        weight). x is small and cached: its loads are always masked."""
-        ok = cols < k // 2
-        even = tl.load(x_ptr + 2 * cols, mask=ok, other=0.0).to(tl.float32)
-        odd = tl.load(x_ptr + 2 * cols + 1, mask=ok, other=0.0).to(tl.float32)
+    def _input_half(x_ptr, norm_ptr, cols, k: tl.constexpr, NORM: tl.constexpr, GATED: tl.constexpr):
+        """The product's input at columns `cols` (half a group: what one nibble of a packed row holds),
+        gated, and scaled by the norm weight -> (input, its squares before the norm weight). x is small
+        and cached: its loads are always masked."""
+        ok = cols < k
+        x = tl.load(x_ptr + cols, mask=ok, other=0.0).to(tl.float32)
         if GATED:  # x holds [gate | up]
-            up_even = tl.load(x_ptr + k + 2 * cols, mask=ok, other=0.0).to(tl.float32)
-            up_odd = tl.load(x_ptr + k + 2 * cols + 1, mask=ok, other=0.0).to(tl.float32)
-            even = even * tl.sigmoid(even) * up_even
-            odd = odd * tl.sigmoid(odd) * up_odd
-        squares = even * even + odd * odd
+            x = x * tl.sigmoid(x) * tl.load(x_ptr + k + cols, mask=ok, other=0.0).to(tl.float32)
+        squares = x * x
         if NORM:
-            even = even * tl.load(norm_ptr + 2 * cols, mask=ok, other=0.0).to(tl.float32)
-            odd = odd * tl.load(norm_ptr + 2 * cols + 1, mask=ok, other=0.0).to(tl.float32)
-        return even, odd, squares
+            x = x * tl.load(norm_ptr + cols, mask=ok, other=0.0).to(tl.float32)
+        return x, squares
 
     @triton.jit
     def _gemv_int4_kernel(x_ptr, w_ptr, scale_ptr, zero_ptr, out_ptr, norm_ptr, residual_ptr, n, eps,
                           k: tl.constexpr, GROUP: tl.constexpr, NORM: tl.constexpr, GATED: tl.constexpr,
                           RESIDUAL: tl.constexpr, BLOCK_N: tl.constexpr, GROUPS: tl.constexpr, EVEN: tl.constexpr):
-        # w: (n, k / 2) bytes, byte c of a row holding the row's 4-bit values at columns 2c (low nibble) and
-        # 2c + 1 (high); the real weight of group g (GROUP columns) is q * scale[r, g] + zero[r, g]. A
-        # program takes BLOCK_N rows and GROUPS groups per iteration (unrolled: independent loads in flight)
+        # w: (n, k / 2) bytes. Group g of a row (GROUP columns) is HALF = GROUP / 2 bytes: byte c holds
+        # column g * GROUP + c in its low nibble and g * GROUP + HALF + c in its high one, so that both halves
+        # read contiguous inputs. The real weight is q * scale[r, g] + zero[r, g]. A program takes BLOCK_N
+        # rows and GROUPS groups per iteration (unrolled: independent loads in flight)
         rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         row_ok = rows < n
         HALF: tl.constexpr = GROUP // 2
@@ -180,24 +176,27 @@ if triton is not None:
         squares = tl.zeros((HALF,), dtype=tl.float32)
         for first in range(0, groups, GROUPS):
             for j in tl.static_range(GROUPS):
-                cols = (first + j) * HALF + tl.arange(0, HALF)  # packed columns of group first + j
-                even, odd, sq = _input_pair(x_ptr, norm_ptr, cols, k, NORM, GATED)
+                g = first + j
+                half = tl.arange(0, HALF)
+                low_x, sq = _input_half(x_ptr, norm_ptr, g * GROUP + half, k, NORM, GATED)
                 squares += sq
-                tile = w_ptr + rows[:, None] * (k // 2) + cols[None, :]
+                high_x, sq = _input_half(x_ptr, norm_ptr, g * GROUP + HALF + half, k, NORM, GATED)
+                squares += sq
+                tile = w_ptr + rows[:, None] * (k // 2) + (g * HALF + half)[None, :]
                 if EVEN:
                     packed = tl.load(tile, eviction_policy="evict_first")
-                    scale = tl.load(scale_ptr + rows * groups + first + j).to(tl.float32)
-                    zero = tl.load(zero_ptr + rows * groups + first + j).to(tl.float32)
+                    scale = tl.load(scale_ptr + rows * groups + g).to(tl.float32)
+                    zero = tl.load(zero_ptr + rows * groups + g).to(tl.float32)
                 else:
-                    ok = row_ok & (first + j < groups)
-                    packed = tl.load(tile, mask=ok[:, None] & (cols[None, :] < k // 2), other=0,
-                                     eviction_policy="evict_first")
-                    scale = tl.load(scale_ptr + rows * groups + first + j, mask=ok, other=0.0).to(tl.float32)
-                    zero = tl.load(zero_ptr + rows * groups + first + j, mask=ok, other=0.0).to(tl.float32)
+                    ok = row_ok & (tl.zeros((BLOCK_N,), dtype=tl.int32) + g < groups)  # a tensor mask
+                    packed = tl.load(tile, mask=ok[:, None], other=0, eviction_policy="evict_first")
+                    scale = tl.load(scale_ptr + rows * groups + g, mask=ok, other=0.0).to(tl.float32)
+                    zero = tl.load(zero_ptr + rows * groups + g, mask=ok, other=0.0).to(tl.float32)
                 low = (packed & 15).to(tl.float32)
                 high = (packed >> 4).to(tl.float32)
                 # sum over the group of (q s + z) x = s * sum(q x) + z * sum(x), element-wise until the end
-                acc += scale[:, None] * (low * even[None, :] + high * odd[None, :]) + zero[:, None] * (even + odd)[None, :]
+                acc += scale[:, None] * (low * low_x[None, :] + high * high_x[None, :]) + \
+                    zero[:, None] * (low_x + high_x)[None, :]
         y = tl.sum(acc, axis=1)
         if NORM:
             y = y * tl.rsqrt(tl.sum(squares, axis=0) / k + eps)
@@ -211,7 +210,8 @@ if triton is not None:
                         PRECISION: tl.constexpr):
         # x (m, k) times a quantized (n, k) weight transposed -> (m, n): weight tiles dequantized in registers
         # to x's dtype, then tl.dot. int8: (n, k) values, one scale per row, applied after the sum.
-        # int4: packed as in _gemv_int4_kernel; the even and odd columns are two products of half width
+        # int4: packed as in _gemv_int4_kernel; each group is two products of half its width (the low
+        # nibbles times the group's first half of x, the high ones times its second half)
         rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
         outs = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
         row_ok, out_ok = rows < m, outs < n
@@ -219,18 +219,19 @@ if triton is not None:
         if INT4:
             HALF: tl.constexpr = GROUP // 2
             groups: tl.constexpr = k // GROUP
+            half = tl.arange(0, HALF)
             for g in range(0, groups):
-                cols = g * HALF + tl.arange(0, HALF)
-                x_at = x_ptr + rows[:, None] * k + 2 * cols[None, :]
-                even = tl.load(x_at, mask=row_ok[:, None], other=0.0)  # (BLOCK_M, HALF)
-                odd = tl.load(x_at + 1, mask=row_ok[:, None], other=0.0)
-                packed = tl.load(w_ptr + outs[:, None] * (k // 2) + cols[None, :], mask=out_ok[:, None], other=0)
+                x_at = x_ptr + rows[:, None] * k + (g * GROUP + half)[None, :]
+                first = tl.load(x_at, mask=row_ok[:, None], other=0.0)  # (BLOCK_M, HALF)
+                second = tl.load(x_at + HALF, mask=row_ok[:, None], other=0.0)
+                packed = tl.load(w_ptr + outs[:, None] * (k // 2) + (g * HALF + half)[None, :], mask=out_ok[:, None],
+                                 other=0)
                 scale = tl.load(scale_ptr + outs * groups + g, mask=out_ok, other=0.0).to(tl.float32)[:, None]
                 zero = tl.load(zero_ptr + outs * groups + g, mask=out_ok, other=0.0).to(tl.float32)[:, None]
-                low = ((packed & 15).to(tl.float32) * scale + zero).to(even.dtype)  # (BLOCK_N, HALF)
-                high = ((packed >> 4).to(tl.float32) * scale + zero).to(even.dtype)
-                acc = tl.dot(even, tl.trans(low), acc, input_precision=PRECISION)
-                acc = tl.dot(odd, tl.trans(high), acc, input_precision=PRECISION)
+                low = ((packed & 15).to(tl.float32) * scale + zero).to(first.dtype)  # (BLOCK_N, HALF)
+                high = ((packed >> 4).to(tl.float32) * scale + zero).to(first.dtype)
+                acc = tl.dot(first, tl.trans(low), acc, input_precision=PRECISION)
+                acc = tl.dot(second, tl.trans(high), acc, input_precision=PRECISION)
         else:
             for start in range(0, k, BLOCK_K):
                 cols = start + tl.arange(0, BLOCK_K)
@@ -244,16 +245,18 @@ if triton is not None:
         out = out_ptr + rows[:, None] * n + outs[None, :]
         tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & out_ok[None, :])
 
-def gemv_config(n, k):
+def gemv_config(n, k, element_size=2):
     """(BLOCK_N, BLOCK_K, num_warps) of the matrix-vector kernel for an (n, k) weight: the fastest of a
-    sweep on an H100 for each 7B shape (docs/benchmarks.md)."""
+    sweep on an H100 for each 7B shape in bf16 (docs/benchmarks.md). int8 weights (`element_size` 1) take
+    twice the rows, so that a tile holds as many bytes as in bf16."""
     if n * k <= 1 << 20:  # small matrices (tiny models, the CPU tests): 16 rows a program, few programs
         return 16, 1024, 4
+    rows = 2 if element_size == 1 else 1
     if k > 8192:  # down_proj (4096 x 11008): short blocks along k (11008 = 43 x 256, no masks)
-        return 4, 256, 8
+        return 4 * rows, 256, 8
     if n <= 4096:  # o_proj: two rows a program, to have enough programs in flight
-        return 2, 1024, 4
-    return 8, 1024, 4
+        return 2 * rows, 1024, 4
+    return 8 * rows, 1024, 4
 # (BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, num_warps, num_stages) of the fc1 kernel: the fastest of 10 on an
 # H100 for CLIP-L's fc1 at batch 256 (docs/benchmarks.md)
 LINEAR_CONFIG = (128, 256, 64, 8, 8, 3)
@@ -273,11 +276,15 @@ def multiprocessors(device):
 
 
 def gemv_int4_config(n, k, group_size=128):
-    """(BLOCK_N, GROUPS, num_warps) of the int4 matrix-vector kernel for an (n, k) weight: 16 rows of
-    1 KB group loads (at group size 128) by 2 warps, 16 bytes a thread; 8 groups unrolled per iteration,
-    or fewer so that they divide the row's groups (down_proj's 86)."""
+    """(BLOCK_N, GROUPS, num_warps) of the int4 matrix-vector kernel for an (n, k) weight: loads of 16
+    bytes a thread (BLOCK_N rows x group_size / 2 bytes over the warps), GROUPS groups unrolled per
+    iteration, chosen so that they divide the row's groups (down_proj's 86: two) and that the 4096-row
+    products still have 256 programs."""
     groups = k // group_size
-    return 16, next(g for g in (8, 4, 2, 1) if groups % g == 0), 2
+    unroll = next(g for g in (4, 2, 1) if groups % g == 0)
+    if n * k <= 1 << 20:  # small matrices (tiny models, the CPU tests)
+        return 16, unroll, 2
+    return (16, unroll, 2) if n <= 4096 else (32, unroll, 4)
 
 
 def _check_quantized(name, weight, scales, zeros, group_size, n_k):
@@ -313,8 +320,9 @@ def gemv(x, weight, norm=None, eps=0.0, gated=False, residual=None, config=None,
     norm: an RMSNorm weight (K,): the input is first RMS-normalised with `eps` and scaled by it.
     residual: N values added to the result.
     scales (and zeros): a quantized weight. int8 `weight` (N, K) with per-row `scales` (N,): the weight is
-    scales[:, None] * weight. Packed int4 `weight` uint8 (N, K / 2) (byte c: column 2c in the low nibble,
-    2c + 1 in the high) with `scales`, `zeros` (N, K / group_size): weight = q * scale + zero per group.
+    scales[:, None] * weight. Packed int4 `weight` uint8 (N, K / 2) with `scales`, `zeros` (N, K / group_size):
+    weight = q * scale + zero per group; a group's byte c holds its column c in the low nibble and column
+    c + group_size / 2 in the high one.
     config: (BLOCK_N, BLOCK_K, num_warps), for int4 (BLOCK_N, groups per iteration, num_warps).
     """
     _require("gemv")
@@ -340,7 +348,7 @@ def gemv(x, weight, norm=None, eps=0.0, gated=False, residual=None, config=None,
         raise ValueError("gemv: the weight must be contiguous (rows of K values)")
     if n * k >= 2 ** 31:
         raise ValueError(f"gemv: a ({n}, {k}) weight is too large for 32-bit offsets")
-    block_n, block_k, warps = config or gemv_config(n, k)
+    block_n, block_k, warps = config or gemv_config(n, k, weight.element_size())
     block_k = min(block_k, triton.next_power_of_2(k))
     out = torch.empty(n, device=weight.device, dtype=weight.dtype if scales is None else x.dtype)
     _gemv_kernel[(triton.cdiv(n, block_n),)](

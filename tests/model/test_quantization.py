@@ -35,8 +35,8 @@ def test_int8_is_per_output_channel_and_exact_on_its_grid():
 
 
 def test_int4_packs_two_columns_a_byte_in_groups():
-    """Byte c of a row holds column 2c in its low nibble and 2c + 1 in its high one; each group of
-    columns has its own scale and zero (its minimum); a row built on that grid round-trips exactly."""
+    """Within a group of 32 columns, byte c holds column c in its low nibble and column c + 16 in its high
+    one; each group has its own scale and zero (its minimum); a row built on that grid round-trips exactly."""
     levels = torch.arange(64) % 16  # q values 0..15, repeated
     shuffled = torch.cat([levels[:32][torch.randperm(32, generator=torch.Generator().manual_seed(1))],
                           levels[32:]])  # each group of 32 still spans 0..15
@@ -44,7 +44,8 @@ def test_int4_packs_two_columns_a_byte_in_groups():
     got = quantize_weight(w, 4, group_size=32)
     assert got.qweight.shape == (2, 32) and got.qweight.dtype == torch.uint8
     assert got.scales.shape == got.zeros.shape == (2, 2)
-    assert int(got.qweight[0, 0]) == int(levels[0]) | int(levels[1]) << 4  # columns 0 (low), 1 (high)
+    assert int(got.qweight[0, 0]) == int(levels[0]) | int(levels[16]) << 4  # columns 0 (low), 16 (high)
+    assert int(got.qweight[0, 17]) == int(levels[33]) | int(levels[49]) << 4  # group 2: columns 33, 49
     torch.testing.assert_close(got.zeros[0], torch.tensor([-1.0, -1.0]))
     torch.testing.assert_close(got.scales[1], torch.tensor([0.5, 0.5]))
     torch.testing.assert_close(got.dequantize(), w)
