@@ -139,9 +139,6 @@ def measure_layout(b, layout, position, answers, window):
 
 
 def section_vision_split(b, out):
-    if b.args.vision_device is None:
-        out["notes"].append("no --vision-device: nothing to compare")
-        return
     vision = parse_device(b.args.vision_device)
     check_pair(b.device, vision)
     position = min(600, max(b.args.positions))

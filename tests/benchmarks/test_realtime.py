@@ -23,6 +23,7 @@ def test_bench_tiny_cpu_end_to_end(tmp_path):
     sections = report["sections"]
     assert set(bench.SECTIONS) | {"build"} == set(sections)
     assert sections.pop("quantized")["status"] == "skipped"  # without --quantized (its own test below)
+    assert sections.pop("vision_split")["status"] == "skipped"  # without --vision-device (test_vision_device.py)
     assert all(s["status"] == "ok" for s in sections.values()), {k: s.get("error") for k, s in sections.items()}
 
     clip = sections["clip_one_frame"]
@@ -72,7 +73,7 @@ def test_benchmark_script_runs_selected_sections(tmp_path):
     report = json.loads((tmp_path / "bench.json").read_text())
     statuses = {k: v["status"] for k, v in report["sections"].items()}
     assert statuses == {"build": "ok", "clip_one_frame": "ok", "baseline_upstream_buffer": "ok",
-                        "quantized": "skipped", **{k: "skipped" for k in skip.split(",")}}
+                        "quantized": "skipped", "vision_split": "skipped", **{k: "skipped" for k in skip.split(",")}}
     assert (tmp_path / "bench.png").exists()
     with pytest.raises(SystemExit):
         bench.parse_args(["--output-dir", str(tmp_path), "--skip", "nonsense"])
