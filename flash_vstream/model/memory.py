@@ -411,7 +411,7 @@ class MemoryStack:
         index = _to_device(plan, device)  # one host-to-device copy
         row_t, slot_t = index["rows"], index["slot"]
         features = features.to(device)
-        times = torch.tensor(timestamps, dtype=torch.float64).to(device, non_blocking=True)  # (B,)
+        times = _upload(timestamps, device, torch.float64)  # (B,)
         keys = pool(features, self.temporal_pool).flatten(1)  # (B, P_tem^2*D)
         frames = pool(features, self.spatial_pool).to(self.dtype)  # (B, P_spa^2, D)
         # ring buffer and spatial memory (every frame)
@@ -465,7 +465,7 @@ class MemoryStack:
         if self.upstream:
             # upstream: every point weighs 1 and the centroids stay in initialisation order (no time sort)
             if any(full):
-                at = torch.tensor([j for j, f in enumerate(full) if f]).to(self.device, non_blocking=True)
+                at = _upload([j for j, f in enumerate(full) if f], self.device)
                 generators = [memories[plan["fed_at"][j]]._generator for j, f in enumerate(full) if f]
                 sub = _Points(*(v.index_select(0, at) for v in points))
                 unweighted = sub._replace(w=torch.ones_like(sub.w))
@@ -475,7 +475,7 @@ class MemoryStack:
                     getattr(self, name).index_copy_(0, rows.index_select(0, at), v)
             return
         merged, drop = _merge_closest_pair_many(points, n)
-        merging = torch.tensor(full).to(self.device, non_blocking=True)  # (b,) k+1 points: merge the closest pair
+        merging = _upload(full, self.device, torch.bool)  # (b,) k+1 points: merge the closest pair
         points = _Points(*(torch.where(merging.view(-1, *[1] * (v.dim() - 1)), m, v) for m, v in zip(merged, points)))
         kept = (position[None] < n[:, None]) & ~(merging[:, None] & (position[None] == drop[:, None]))  # (b, K+1)
         order = torch.sort(torch.where(kept, points.t, INF), dim=1, stable=True).indices  # time order, dropped last
@@ -498,11 +498,10 @@ class MemoryStack:
         """Refill the retrieved memory of `memories` from their temporal memory and buffer (after an update)."""
         rows = [m._row for m in memories]
         if row_t is None:
-            row_t = torch.tensor(rows).to(self.device, non_blocking=True)
+            row_t = _upload(rows, self.device)
         k, r_max = self.temporal_frames, self.retrieved_frames
         counts = [(m._temporal_count, m._spatial_count, m._buffer_count, m._buffer_next) for m in memories]
-        host = torch.tensor(counts)  # (B, 4)
-        tc, sc, bc, nxt = host.to(self.device, non_blocking=True).unbind(1)
+        tc, sc, bc, nxt = _upload(counts, self.device).unbind(1)  # (B,) each
         valid = torch.arange(k + 1, device=self.device)[None] < tc[:, None]  # (B, K+1)
         w = torch.where(valid, _rows(self.tw, row_t), -INF)
         by_weight = torch.sort(w, dim=1, descending=True, stable=True).indices[:, :r_max]  # (B, R) largest first
@@ -516,7 +515,7 @@ class MemoryStack:
             # frames) instead of the buffer frames nearest the centroids; emitted by weight
             self.retrieved.index_copy_(0, row_t, by_weight)
             return
-        wanted = torch.tensor([m._retrieved_count for m in memories]).to(self.device, non_blocking=True)  # (B,)
+        wanted = _upload([m._retrieved_count for m in memories], self.device)  # (B,)
         centroids = _pick(self.tx, row_t, by_weight)  # (B, R, F)
         every = len(rows) == self.capacity and rows == list(range(self.capacity))
         keys = self.keys if every else _rows(self.keys, row_t)  # (B, N_buff, F)
@@ -543,7 +542,7 @@ class MemoryStack:
         """Memory tokens of each of `memories`: a list of (N_i, D), fresh tensors in each memory's fed dtype."""
         if not memories:
             return []
-        row_t = torch.tensor([m._row for m in memories]).to(self.device, non_blocking=True)
+        row_t = _upload([m._row for m in memories], self.device)
         source = self.head if self.upstream else self.buffer
         retrieved = _pick(source, row_t, _rows(self.retrieved, row_t))  # (B, R, P_spa^2, D)
         parts = (_rows(self.abstract, row_t).flatten(1, 2),  # (B, N_abs*P_abs^2, D)
@@ -569,7 +568,7 @@ class MemoryStack:
         copy: a list of (timestamps dict, weights list, spans list)."""
         if not memories:
             return []
-        row_t = torch.tensor([m._row for m in memories]).to(self.device, non_blocking=True)
+        row_t = _upload([m._row for m in memories], self.device)
         source_times = self.head_times if self.upstream else self.buffer_times
         retrieved_times = _pick(source_times, row_t, _rows(self.retrieved, row_t))  # (B, R)
         packed = torch.cat([_rows(self.tt, row_t), _rows(self.tfirst, row_t), _rows(self.tlast, row_t),
@@ -614,18 +613,26 @@ def _config_key(config):
     return tuple(getattr(config, name) for name in names)
 
 
+def _upload(values, device, dtype=torch.long):
+    """A host list -> a tensor on `device` without waiting for the device: through pinned memory on CUDA (a copy
+    from pageable memory would wait for the stream)."""
+    host = torch.tensor(values, dtype=dtype)
+    if device.type == "cuda":
+        host = host.pin_memory()
+    return host.to(device, non_blocking=True)
+
+
 def _to_device(plan, device):
     """{name: list of ints} -> {name: (len,) long tensors on `device`}, in one host-to-device copy."""
     names = list(plan)
-    flat = torch.tensor([v for name in names for v in plan[name]], dtype=torch.long)
-    if device.type == "cuda":
-        flat = flat.pin_memory()
-    flat = flat.to(device, non_blocking=True)
+    flat = _upload([v for name in names for v in plan[name]], device)
     out, start = {}, 0
     for name in names:
         out[name] = flat[start:start + len(plan[name])]
         start += len(plan[name])
     return out
+
+
 class STARMemory:
     """The STAR memory of one stream: `update` with chunks of frames, `read` the memory tokens.
 
