@@ -32,7 +32,8 @@ With `--gpus N --compare-to` a one-GPU invocation's bench_train.json (same prese
 
 Throughput is steady state: the optimizer steps after the first --warmup-steps, timed from one step's end to
 the next on rank 0 (data loading included, start-up and the first steps not). The phase split synchronises
-the GPU at each phase boundary (a few syncs per step, a small cost shared by every run).
+the GPU at each phase boundary (a few syncs per step, a small cost shared by every run). Each run also keeps
+every step's time (`step_times_s`, warm-up included) and the median of the timed ones, so a slow step shows.
 """
 
 import argparse
@@ -306,8 +307,11 @@ def summarize_stage(stage, ranks, wall_s, args):
     step_s = (steps[-1]["end"] - steps[0]["end"]) / (len(steps) - 1)
     losses = [h["loss"] for h in lead["log"] if "loss" in h]
     phases = phase_split(steps)
+    ends = [mark["end"] for mark in lead["steps"]]
+    step_times = [b - a for a, b in zip(ends, ends[1:])]  # every step after the first, warm-up included
     return {"gpus": args.gpus, "wall_s": round(wall_s, 1), "steps": len(lead["steps"]), "first_loss": losses[0],
-            "last_loss": losses[-1], "step_s": step_s, "samples_per_s": args.batch * args.gpus / step_s,
+            "last_loss": losses[-1], "step_s": step_s, "step_median_s": median(step_times[args.warmup_steps:]),
+            "step_times_s": [round(t, 4) for t in step_times], "samples_per_s": args.batch * args.gpus / step_s,
             "phases_s": phases, "phases_median_s": phase_split(steps, median),
             "memory_build_share": phases["memory_build"] / step_s,
             "peak_gib_per_gpu": max(r["peak_bytes"] for r in ranks) / 2**30,

@@ -196,7 +196,9 @@ def build_model(model_args, data_args, training_args):
         model.enable_input_require_grads()
     if training_args.compile_decoder_layers:
         for layer in model.get_model().layers:
-            layer.compile()  # one graph serves every layer: parameters are graph inputs, not constants
+            # One graph serves every layer (parameters are graph inputs, not constants), dynamic in the lengths from the
+            # first call: a static one was compiled again for new padded lengths, seconds each, steps into a run.
+            layer.compile(dynamic=True)
     if training_args.lora_enable:
         model = apply_lora(model, training_args)
     return model, tower
