@@ -12,7 +12,8 @@ import pytest
 import torch
 
 from flash_vstream.model.builder import load_pretrained_model
-from flash_vstream.runtime.devices import Placement, check_pair, module_devices, parse_device, place_vision
+from flash_vstream.runtime.devices import (Placement, check_pair, module_devices, parse_device, place_vision,
+                                           vision_placement)
 from flash_vstream.serve import cli_video_stream as cli
 from flash_vstream.serve import server
 from flash_vstream.serve.session import StreamSession
@@ -95,6 +96,10 @@ def test_bad_vision_device_is_a_clear_error(text, message, tiny_model_dir, examp
 def test_mixed_device_types_are_refused(tiny_model_dir):
     with pytest.raises(ValueError, match="both sides must be CUDA devices or both the CPU"):
         check_pair("cpu", "meta")
+    assert vision_placement("cuda", None) == ("cuda", None)  # no flag: nothing checked, nothing changed
+    assert vision_placement("cpu", "cpu") == ("cpu", "cpu")
+    with pytest.raises(ValueError, match="--device 'gpu'"):
+        vision_placement("gpu", "cpu")
     assert server.settings_from_args(server.build_parser().parse_args(
         ["--model-path", tiny_model_dir, "--vision-device", "cpu"])).vision_device == "cpu"
 
