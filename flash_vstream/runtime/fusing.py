@@ -67,6 +67,21 @@ def fused_tensors(linears, owner, name):
     return None
 
 
+def forget_fused(model):
+    """Drop every fused tensor `fuse_linears` kept on `model`'s modules (plain attributes) -> how many.
+
+    `model.to(device)` moves parameters and buffers only: after it the modules hold new tensors and the
+    fused ones stay where they were (a bf16 7B moved to the CPU kept 13 GB on the GPU). Fuse again after
+    moving a model (`FastPath.fuse_weights()`)."""
+    dropped = 0
+    for module in model.modules():
+        for key, value in list(vars(module).items()):
+            if isinstance(value, torch.Tensor) and key not in module._parameters and key not in module._buffers:
+                delattr(module, key)
+                dropped += 1
+    return dropped
+
+
 def fuse_linears(linears, owner, name):
     """Point these `nn.Linear`s' weights (and biases, if all have one) at consecutive row slices of one new
     tensor each -> (weight (sum of outputs, inputs), bias (sum of outputs,) or None). For quantized layers

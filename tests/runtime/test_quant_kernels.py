@@ -17,8 +17,8 @@ from flash_vstream.constants import IMAGE_TOKEN_INDEX  # noqa: E402
 from flash_vstream.model.quantization import QuantizedWeight, quantize_model, quantize_weight  # noqa: E402
 from flash_vstream.runtime import triton_kernels as tk  # noqa: E402
 from flash_vstream.runtime.decoder import GreedyDecoder  # noqa: E402
-from flash_vstream.runtime.fused_decode import fuse_projections  # noqa: E402
-from flash_vstream.runtime.fusing import fuse_linears, fused_tensors  # noqa: E402
+from flash_vstream.runtime.fused_decode import FusedDecodeStep, fuse_projections  # noqa: E402
+from flash_vstream.runtime.fusing import forget_fused, fuse_linears, fused_tensors  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 CLOSE = dict(rtol=1e-4, atol=1e-4)
@@ -106,6 +106,9 @@ def test_fused_step_over_quantized_weights_equals_the_model(scheme):
     with torch.no_grad():
         reference = model.generate(ids[None].to(DEVICE), memory=[memory], max_new_tokens=3, do_sample=False)
     fuse_projections(model)
+    bits = 8 if scheme == "int8" else 4
+    assert all(isinstance(w, QuantizedWeight) and w.bits == bits for pair in FusedDecodeStep(model).weights
+               for w in pair)  # the step reads the quantized values, fused
     plain = GreedyDecoder(model, max_cache_len=128)
     fused = GreedyDecoder(model, max_cache_len=128, fused_step=True, warmup_steps=1).setup()
     triton = GreedyDecoder(model, max_cache_len=128, fused_step=True, triton_kernels=True, warmup_steps=1).setup()
@@ -114,3 +117,19 @@ def test_fused_step_over_quantized_weights_equals_the_model(scheme):
     logits = step_logits((plain, fused, triton), ids, memory, 0)
     torch.testing.assert_close(logits[1], logits[0], **CLOSE)
     torch.testing.assert_close(logits[2], logits[0], **CLOSE)
+
+
+def test_forget_fused_drops_what_to_would_leave_behind():
+    """The fused tensors are plain attributes: `.to()` moves parameters and buffers, not them. After
+    `forget_fused` none is left, the model still answers, and fusing again works."""
+    model = fresh_model(23)
+    ids = torch.tensor([[1, 5, 9]])
+    with torch.no_grad():
+        before = model(input_ids=ids).logits
+    fuse_projections(model)
+    assert forget_fused(model) == 2 * len(model.get_model().layers)  # a q/k/v and a gate/up weight per layer
+    assert not [k for m in model.modules() for k, v in vars(m).items() if isinstance(v, torch.Tensor)
+                and k not in m._parameters and k not in m._buffers]
+    with torch.no_grad():
+        torch.testing.assert_close(model(input_ids=ids).logits, before, rtol=0, atol=0)
+    assert len(fuse_projections(model)) == len(model.get_model().layers)
