@@ -460,7 +460,8 @@ def section_quantized(b, out):
             q = dataclasses.replace(b, model=model, decoder=None)
             q.fast_path = new_fast_path(q)
             # what the decode step reads: {bits of the fused q/k/v and gate/up weights}, and the resident memory
-            entry["fused_weight_bits"] = sorted({w.bits for pair in fused_projections(model) for w in pair})
+            if q.fast_path.describe()["decode_weights_fused"]:  # on CUDA; the CPU smoke run does not fuse
+                entry["fused_weight_bits"] = sorted({w.bits for pair in fused_projections(model) for w in pair})
             entry["resident_gb"] = round(torch.cuda.memory_allocated(device) / 1e9, 3) if device.type == "cuda" else None
             entry["decode"] = {"notes": []}
             # off CUDA (the smoke run) the plain static-cache loop, over the dequantizing forward
