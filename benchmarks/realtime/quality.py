@@ -11,7 +11,6 @@ the share of answers identical to the full-precision ones, and the shift in accu
 import argparse
 import json
 import os
-import time
 
 from flash_vstream.demo.run_demo import demo_paths
 from flash_vstream.eval_video import inference, metrics
@@ -25,17 +24,15 @@ def run_scheme(paths, out, device, flags):
             "--video-dir", os.path.join(paths["features"], "videos", "test"),
             "--output-file", os.path.join(out, "pred.jsonl"), "--max-new-tokens", "6", "--batch-size", "20",
             "--device", device, *flags]
-    started = time.perf_counter()
     if inference.main(argv) != 0:
         raise RuntimeError(f"inference {' '.join(flags) or '(full precision)'} failed")
-    seconds = time.perf_counter() - started
     metrics.evaluate(os.path.join(out, "pred.jsonl"), os.path.join(out, "exact"), mode="exact",
                      qa_file=paths["test_qa"])
     with open(os.path.join(out, "exact", "results.json")) as f:
         results = json.load(f)
     with open(os.path.join(out, "pred.jsonl")) as f:
         preds = {r["id"]: r["pred"] for r in map(json.loads, f) if "pred" in r}
-    return results, preds, seconds
+    return results, preds
 
 
 def main(argv=None):
@@ -50,8 +47,8 @@ def main(argv=None):
     report = {"model": paths["stage2"], "device": args.device, "questions": None, "schemes": {}}
     reference = None
     for name, flags in SCHEMES.items():
-        results, preds, seconds = run_scheme(paths, os.path.join(args.output_dir, name), args.device, flags)
-        entry = {"accuracy": results["accuracy"], "judged": results["judged"], "inference_s": round(seconds, 1),
+        results, preds = run_scheme(paths, os.path.join(args.output_dir, name), args.device, flags)
+        entry = {"accuracy": results["accuracy"], "judged": results["judged"],
                  "by_type": {k: v["accuracy"] for k, v in results["by_type"].items()}}
         if reference is None:
             reference, report["questions"] = preds, len(preds)
