@@ -174,7 +174,7 @@ def _iter_pyav(path, fps, start, end, timeout, allow_truncated=False, threads=0,
         else:
             decoded = _decoded_frames(path, container, stream)
         yield from _sample_stream(path, decoded, fps, start, end, origin, _declared_duration(container, stream),
-                                  allow_truncated)
+                                  allow_truncated, threads)
     finally:
         container.close()
 
@@ -285,23 +285,40 @@ def _sparse_frames(path, container, stream, fps, start, end, origin):
                           else float(frame.pts * frame.time_base))
 
 
-def _rgb_converter(first):
+def _rgb_converter(first, threads=0):
     """Frame -> uint8 RGB (H, W, 3) at the first frame's size (a mid-stream resolution change
-    still stacks), with the first frame's display rotation applied."""
+    still stacks), with the first frame's display rotation applied. One reformatter for the stream,
+    with `threads` swscale threads (0: one per core): `frame.to_ndarray` would build a converter and a
+    pool of one thread per core for every frame (the same pixels, bit for bit, at a multiple of the CPU
+    time when many decoders share the cores)."""
+    from av.video.reformatter import VideoReformatter
+
     width, height, rotation = first.width, first.height, first.rotation or 0
-    return lambda frame: rotate_frame(frame.to_ndarray(format="rgb24", width=width, height=height), rotation)
+    reformatter, options = VideoReformatter(), {"threads": threads}
+
+    def convert(frame):
+        try:
+            rgb = reformatter.reformat(frame, width=width, height=height, format="rgb24", **options)
+        except TypeError:  # an older PyAV without `threads` (its converter has one thread)
+            if not options:
+                raise
+            options.clear()
+            rgb = reformatter.reformat(frame, width=width, height=height, format="rgb24")
+        return rotate_frame(rgb.to_ndarray(), rotation)
+
+    return convert
 
 
-def _sample_stream(path, decoded, fps, start, end, origin, declared_duration, allow_truncated):
+def _sample_stream(path, decoded, fps, start, end, origin, declared_duration, allow_truncated, threads=0):
     """The sampling rule over (frame, seconds) in presentation order; `_sample_indices` is the
-    same rule for a reader that knows every timestamp up front (decord)."""
+    same rule for a reader that knows every timestamp up front (decord). `threads`: the RGB converter's."""
     convert = None
     current = current_rgb = current_t = None  # the frame on screen, converted lazily, its time
     k = n_frames = 0
     for frame, t in decoded:
         n_frames += 1
         if convert is None:
-            convert = _rgb_converter(frame)
+            convert = _rgb_converter(frame, threads)
             origin = (t or 0.0) if origin is None else origin
         # a missing timestamp: assume 30 fps spacing after the previous frame
         t = (current_t + 1.0 / 30 if current_t is not None else 0.0) if t is None else t - origin

@@ -242,7 +242,7 @@ def run_pipeline(jobs, encoder, metadata, fps, batch_size, report, progress, poo
             if on_cuda:
                 host = torch.empty(features.shape, dtype=features.dtype, pin_memory=True)
                 host.copy_(features, non_blocking=True)
-                event = torch.cuda.Event()
+                event = torch.cuda.Event(blocking=True)  # the writer's wait sleeps: a spin would take a decoder's core
                 event.record()
             else:
                 host, event = features, None
@@ -261,7 +261,7 @@ def run_pipeline(jobs, encoder, metadata, fps, batch_size, report, progress, poo
             frames = message["frames"]  # (b, H, W, 3) uint8, a view of the decoder's slot
             if on_cuda:
                 frames = frames.to(device, non_blocking=True)
-                event = torch.cuda.Event()
+                event = torch.cuda.Event(blocking=True)  # waited on in release_done(wait=True): sleeps
                 event.record()
                 releases.append((event, message["slot"]))
                 queued = True

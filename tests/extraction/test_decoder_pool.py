@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from flash_vstream.extraction.decode import DecoderPool
-from flash_vstream.video_io import read_frames
+from flash_vstream.video_io import iter_frames, read_frames
 
 Job = collections.namedtuple("Job", "index source kind")
 FRAME_BYTES = 64 * 48 * 3  # make_video's frames
@@ -106,3 +106,24 @@ def test_a_frame_larger_than_a_slot_fails_its_file_by_name(clips):
     with DecoderPool(1, fps=1.0, slot_bytes=FRAME_BYTES - 1) as pool:
         got, errors = collect(pool, [Job(0, str(clips / "cfr.mp4"), "video")])
     assert not got and "cfr.mp4" in errors[0] and "does not fit a decoder slot" in errors[0]
+
+
+def _threads():
+    with open("/proc/self/status") as f:
+        return int(next(line for line in f if line.startswith("Threads:")).split()[1])
+
+
+def test_one_decoder_thread_converts_on_that_thread_with_pyavs_pixels(example_mp4):
+    """With threads=1 a decoder (FFmpeg's codec and its RGB conversion) runs on the calling thread: PyAV's
+    `to_ndarray` would start a pool of one thread per core for every frame it converts. Same pixels."""
+    import av
+
+    before = _threads()
+    frames, peak = [], before
+    for frame, _ in iter_frames(example_mp4, fps=1.0, end=5.0, threads=1):
+        frames.append(frame)
+        peak = max(peak, _threads())
+    assert peak == before and len(frames) == 6
+    with av.open(example_mp4) as container:
+        first = next(container.decode(video=0))
+        assert np.array_equal(frames[0], first.to_ndarray(format="rgb24"))  # the first frame is sample 0
