@@ -133,3 +133,32 @@ def test_forget_fused_drops_what_to_would_leave_behind():
     with torch.no_grad():
         torch.testing.assert_close(model(input_ids=ids).logits, before, rtol=0, atol=0)
     assert len(fuse_projections(model)) == len(model.get_model().layers)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("scheme", ["int8", "int4"])
+def test_quantized_default_gpu_path_equals_its_eager_decoder(scheme):
+    """On CUDA, strict: the quantized model's default fast path (fused Triton step over int8 / int4,
+    compiled, in a CUDA graph; questions after the kept prefix through `qmatmul` in graphs) gives the
+    tokens of its eager static-cache loop (the dequantizing forward), and the compiled kernels equal the
+    dequantized products."""
+    from flash_vstream.runtime.fast_path import FastPath
+    from flash_vstream.runtime.options import FastPathOptions
+
+    model = quantize_model(fresh_model(24), scheme, device="cuda")
+    prompt, memory = torch.tensor([1, 45, 9, IMAGE_TOKEN_INDEX, 17, 33, 4]), torch.randn(681, 32, device="cuda")
+    eager = FastPath(model, FastPathOptions(enabled=True, cuda_graph=False, compile_decode=False, fused_weights=False,
+                                            triton=False, compile_vision=False, pad_suffix=False, strict=True))
+    want = eager.decoder(768).generate(prompt, memory, max_new_tokens=16)
+    path = FastPath(model, FastPathOptions(enabled=True, strict=True)).fuse_weights()
+    fast = path.decoder(768).setup()
+    assert fast.mode == "triton_compiled_cuda_graph", fast.errors
+    assert torch.equal(fast.generate(prompt, memory, max_new_tokens=16), want)
+    fast.cache_prefix(prompt[:4], memory)
+    assert torch.equal(fast.generate(prompt, memory, max_new_tokens=16), want)  # the suffix graph (qmatmul)
+    for m in (1, 32):
+        w = quantize_weight(torch.randn(4096, 4096, device="cuda"), 8 if scheme == "int8" else 4)
+        x = torch.randn(m, 4096, device="cuda")
+        got = tk.gemv(x, w.qweight, **_kw(w)) if m == 1 else tk.qmatmul(x, w.qweight, w.scales, w.zeros, w.group_size)
+        torch.testing.assert_close(got.view(m, -1), x @ w.dequantize().T, rtol=1e-3, atol=1e-3)
