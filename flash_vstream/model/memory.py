@@ -517,11 +517,15 @@ class MemoryStack:
             return
         wanted = _upload([m._retrieved_count for m in memories], self.device)  # (B,)
         centroids = _pick(self.tx, row_t, by_weight)  # (B, R, F)
-        every = len(rows) == self.capacity and rows == list(range(self.capacity))
-        keys = self.keys if every else _rows(self.keys, row_t)  # (B, N_buff, F)
-        key_sq = _rows(self.key_sq, row_t)  # (B, N_buff)
+        if 2 * len(rows) >= self.capacity:
+            # most rows: the products against the whole stack's keys in place (the keys are most of the state; a
+            # copy of them would cost more than the products of the rows not in the batch), the batch's rows kept
+            spread = centroids.new_zeros(self.capacity, *centroids.shape[1:]).index_copy_(0, row_t, centroids)
+            dots = _rows(torch.bmm(spread, self.keys.transpose(1, 2)), row_t)  # (B, R, N_buff)
+        else:
+            dots = torch.bmm(centroids, _rows(self.keys, row_t).transpose(1, 2))  # (B, R, N_buff)
         # |c - key|^2 up to |c|^2, which is the same for every key of a centroid
-        score = key_sq[:, None, :] - 2 * torch.bmm(centroids, keys.transpose(1, 2))  # (B, R, N_buff)
+        score = _rows(self.key_sq, row_t)[:, None, :] - 2 * dots  # (B, R, N_buff)
         slot = torch.arange(self.buffer_frames, device=self.device)
         age = (nxt[:, None] - 1 - slot[None]) % self.buffer_frames  # (B, N_buff) 0 = newest frame
         banned = (age < sc[:, None]) | (age >= bc[:, None])  # spatial memory or empty slot

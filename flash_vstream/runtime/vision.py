@@ -160,7 +160,8 @@ class FastVisionEncoder:
         embed = self.stock_embed
         if per_frame_embedding:
             def embed(batch):
-                return torch.cat([self.stock_embed(batch[i:i + 1]) for i in range(batch.shape[0])])  # (B, 257, D)
+                tokens = torch.cat([self.embeddings(batch[i:i + 1]) for i in range(batch.shape[0])])  # (B, 257, D)
+                return self.pre_norm(tokens)  # row-wise: the batch does not change a frame's values
         with torch.inference_mode():
             return self._run(pixels, embed, self.stock_layer, self.layers)
 

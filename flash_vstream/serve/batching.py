@@ -2,7 +2,7 @@
 STAR memory update.
 
 `IngestBatcher.ingest` takes (name, session, frame, timestamp) items and runs, for all of them at once:
-  1. preprocessing, per frame (a frame that is not an image fails its own item only);
+  1. preprocessing, per frame, on a few threads (a frame that is not an image fails its own item only);
   2. one CLIP forward per group of sessions that share a model and a vision path (the fast path's
      `FastVisionEncoder` on CUDA, the tower's own modules otherwise): `StreamSession.batch_encoder`;
   3. one `MemoryStack.update` per group of memories of one config, device, dtype and Semantic Attention:
@@ -17,6 +17,8 @@ differently from its one-frame CUDA graph (see `FastVisionEncoder`), as a batche
 Sessions that are not `StreamSession`s (anything with `add_frame`) are fed one at a time.
 """
 
+import concurrent.futures
+
 import torch
 
 from ..model.memory import MemoryStack
@@ -30,7 +32,11 @@ class FrameError(ValueError):
 class IngestBatcher:
     """The shared memory stacks of an engine's sessions, and the batched ingest of a tick's frames."""
 
-    def __init__(self):
+    def __init__(self, preprocess_threads=8):
+        # preprocessing (PIL resize, normalisation: ~3 ms of CPU for a 320x240 frame) of a tick's frames on a pool of
+        # threads (PIL releases the GIL): serially it would cap a lane at a few hundred 1-fps streams
+        self.preprocess_threads = int(preprocess_threads)
+        self._pool = None  # the ThreadPoolExecutor, at the first tick of several frames
         self._stacks = {}  # (config key, device, dtype, id(attention module)) -> MemoryStack
         # (id(model), fast) -> (model, the batch encoder of the first session seen): one encoder per model, so that
         # a fast path's graphs and compiled code are built once, not for every session that leads a batch
@@ -51,10 +57,11 @@ class IngestBatcher:
                 batched.append(i)
             else:
                 results[i] = _attempt(lambda: session.add_frame(frame, t))
-        pixels = {}
-        for i in batched:
+        def preprocess(i):
             name, session, frame, t = items[i]
-            pixels[i] = _attempt(lambda: session.preprocess([frame]), name, t)  # (1, 3, S, S)
+            return _attempt(lambda: session.preprocess([frame]), name, t)  # (1, 3, S, S)
+
+        pixels = dict(zip(batched, self._map(preprocess, batched)))
         ready = [i for i in batched if not isinstance(pixels[i], BaseException)]
         for i in batched:
             if i not in ready:
@@ -67,6 +74,21 @@ class IngestBatcher:
         for i, result in self._remember(items, features, ok).items():
             results[i] = result
         return results
+
+    def _map(self, call, indices):
+        """[call(i) for i in indices], on the preprocessing threads when there are several."""
+        if len(indices) < 2 or self.preprocess_threads < 2:
+            return [call(i) for i in indices]
+        if self._pool is None:
+            self._pool = concurrent.futures.ThreadPoolExecutor(self.preprocess_threads,
+                                                               thread_name_prefix="frame preprocessing")
+        return list(self._pool.map(call, indices))
+
+    def close(self):
+        """Stop the preprocessing threads (idle ones end with the process anyway)."""
+        if self._pool is not None:
+            self._pool.shutdown(wait=False)
+            self._pool = None
 
     @torch.inference_mode()
     def _encode(self, items, pixels, indices):
