@@ -631,23 +631,28 @@ class Engine:
         stops the engine (on_error="stop")."""
         frames, first_error = [], None
         for stream, item in batch:
+            batched = False
             try:
                 if self.stopped:
-                    continue
-                if item is END_OF_STREAM:
+                    pass
+                elif item is END_OF_STREAM:
                     self._end(stream)
                 elif not self.batch_ingest:
                     self._ingest_one(stream, *item)
                 else:
                     self._before_frame(stream, item[1])
                     frames.append((stream, item))
-                    continue
+                    batched = True  # done below, once the tick's frames are in
             except BaseException as error:  # noqa: BLE001 - handled by the failure policy
                 first_error = self._frame_failed(stream, item, error) or first_error
-            self._done(stream)
+            if not batched:
+                self._done(stream)
         if frames:
             began = time.perf_counter()
-            results = self._batcher.ingest([(stream.id, stream.session, frame, t) for stream, (frame, t, _) in frames])
+            try:
+                results = self._batcher.ingest([(s.id, s.session, frame, t) for s, (frame, t, _) in frames])
+            except BaseException as error:  # noqa: BLE001 - the batch as a whole failed: each of its frames
+                results = [error] * len(frames)
             elapsed = time.perf_counter() - began  # every frame of the tick is in the memory after all of it
             for (stream, item), result in zip(frames, results):
                 try:
