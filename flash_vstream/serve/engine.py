@@ -282,14 +282,17 @@ class Engine:
     session's queued questions; `metrics` (the server's Prometheus counters) is fed beside `stats`.
     `max_batch` bounds the answers the answer lane thread runs at once (batched; 1: one at a time) and
     `batch_prefill_tokens` the prompt tokens joining its batch in one step; `batch_graphs` (None: on CUDA)
-    captures its decode step as CUDA graphs. `batch_ingest` (default) ingests each tick's frames of all
+    captures its decode step as CUDA graphs. `lone_fast_path` (None: on CUDA): a question alone, of a session
+    without a fast path of its own (the server's), runs on one `FastPath` decoder of the engine's, whose
+    memory prefix the idle lane keeps for the newest snapshot while one session runs (as the CLI's session
+    does after every frame). `batch_ingest` (default) ingests each tick's frames of all
     sessions together (one CLIP batch, one memory update); False: one session after another.
     """
 
     def __init__(self, session=None, source=None, *, schedule=None, play_speed=1.0, inbox_size=8, drop_oldest=None,
                  on_error="stop", answer_lane=False, keep_running=False, max_pending_questions=None, log=None,
                  log_every=100, metrics=None, max_batch=16, batch_prefill_tokens=8192, batch_graphs=None,
-                 batch_ingest=True):
+                 lone_fast_path=None, batch_ingest=True):
         if on_error not in ON_ERROR:
             raise ValueError(f"on_error must be one of {ON_ERROR}, got {on_error!r}")
         if isinstance(max_batch, bool) or not isinstance(max_batch, int) or max_batch < 1:
@@ -298,6 +301,8 @@ class Engine:
         # tokens that may join the batch in one step
         self.max_batch, self.batch_prefill_tokens = max_batch, int(batch_prefill_tokens)
         self.batch_graphs = batch_graphs  # the batch's decode step as CUDA graphs (None: on CUDA)
+        self.lone_fast_path = lone_fast_path  # the engine's own fast path for a lone question (None: on CUDA)
+        self._lone = None  # its GreedyDecoder, built with the batch
         self._batch = None  # the answer lane's BatchDecoder, built at its first batched question
         self.batch_ingest = bool(batch_ingest)
         self._batcher = IngestBatcher()  # the sessions' shared memory stacks (batch_ingest)
@@ -898,6 +903,13 @@ class Engine:
                     busy = self._batch is not None and not self._batch.idle
                 if self._batch is not None and not self._batch.idle:
                     self._batch_step(running)
+                elif not took and not self.stopped:
+                    try:
+                        self._refresh_lone_prefix()
+                    except Exception as error:  # noqa: BLE001 -- lone questions go batched from now on
+                        self.lone_fast_path, self._lone = False, None
+                        self.log.write("error", role="answer lane", error=f"the lone fast path is off: "
+                                       f"{type(error).__name__}: {error}", traceback=traceback.format_exc())
         finally:
             # stopping: the answers still running end with what they have (as a lone one does)
             for request in list(running):
@@ -912,6 +924,12 @@ class Engine:
         if self._batch is None:
             from ..runtime.batch_decoder import BatchDecoder
 
+            try:  # first: it fuses weights in place, which graphs captured before would miss
+                self._build_lone(session)
+            except Exception as error:  # noqa: BLE001 -- lone questions go batched then
+                self.lone_fast_path, self._lone = False, None
+                self.log.write("error", role="answer lane", error=f"the lone fast path is off: "
+                               f"{type(error).__name__}: {error}", traceback=traceback.format_exc())
             fast_path = getattr(session, "fast_path", None)
             # one batch for all sessions: its decode graphs are captured once per shape, whatever the sessions'
             # own fast paths (the server runs those off: one per session would not scale)
@@ -921,6 +939,51 @@ class Engine:
                                        strict=bool(fast_path is not None and fast_path.options.strict),
                                        on_fallback=None if fast_path is None else fast_path.fallbacks.record)
         return self._batch if self._batch.model is session.model else None
+
+    def _build_lone(self, session):
+        """The engine's fast-path decoder for lone questions (`lone_fast_path`): one `FastPath` of the model,
+        its decode step and question sizes captured now; a part that cannot run falls back (logged)."""
+        from ..model.memory import memory_num_tokens
+        from ..runtime.fast_path import FastPath
+        from ..runtime.options import FastPathOptions
+        from .session import SUFFIX_SIZES
+
+        wanted = session.model.device.type == "cuda" if self.lone_fast_path is None else self.lone_fast_path
+        if not wanted or getattr(session, "fast", False) or not hasattr(session, "prefix_ids"):
+            return
+        # no torch.compile: 30-50 s on a 7B; the Triton step in a CUDA graph is the realtime CLI's fast path too
+        path = FastPath(session.model, FastPathOptions(enabled=True, compile_decode=False)).fuse_weights()
+        decoder = path.decoder(session.answer_len()).setup()
+        decoder.warm_up_suffixes(session.prefix_ids(), memory_num_tokens(10**6, session.model.config),
+                                 session.model.config.mm_hidden_size, sizes=SUFFIX_SIZES)
+        decoder.capture_new_suffixes = False  # later sizes run eagerly: the ingest lane may use the GPU meanwhile
+        self._lone = decoder
+        self.log.write("lone_fast_path", decode=decoder.mode, fallbacks=dict(path.fallbacks.reasons))
+
+    def _lone_decoder(self, session):
+        """The engine's lone-question decoder when `session` (without a fast path of its own) can use it."""
+        lone = self._lone
+        if lone is None or getattr(session, "fast", False) or lone.model is not getattr(session, "model", None):
+            return None
+        return lone
+
+    def _refresh_lone_prefix(self):
+        """While the lane is idle and one session runs: keep the lone decoder's prefix (system text + memory) on
+        that session's newest snapshot, so its next question prefills only its own tokens."""
+        with self._lock:
+            running = [s for s in self._streams.values() if s.state == "running"]
+        if len(running) != 1 or not hasattr(running[0].session, "prefix_ids"):
+            return
+        session = running[0].session
+        snapshot = session.snapshot()
+        if snapshot is None:
+            return
+        if self._batch is None and (self.lone_fast_path or self.lone_fast_path is None
+                                    and session.model.device.type == "cuda"):
+            self._batch_decoder(session)  # builds the lone decoder too, off any question's path
+        lone = self._lone_decoder(session)
+        if lone is not None and not lone.prefix_matches(session.prefix_ids(), snapshot.tokens):
+            lone.cache_prefix(session.prefix_ids(), snapshot.tokens)
 
     def warm_up_answers(self, session):
         """Build the answer batch for `session`'s model and sizes now and capture its decode graphs (on CUDA),
@@ -953,7 +1016,12 @@ class Engine:
 
             alone = decoder.idle and not self._questions_waiting(skip=(stream,))
             movable = decoder.fits(len(run.ids) - 1 + run.snapshot.num_tokens, run.max_new_tokens)
-            if alone and session.run_fast(run, lambda: stop() or movable and self._questions_waiting(skip=(stream,))):
+
+            def hand_over():  # alone on a fast path: stop there when another question waits (it goes on batched)
+                return stop() or movable and self._questions_waiting(skip=(stream,))
+            lone = self._lone_decoder(session)
+            if alone and (session.run_fast(run, hand_over) or lone is not None
+                          and session.run_fast(run, hand_over, decoder=lone)):
                 if run.done or stop() or not movable:
                     self._complete(job, session.finish(run))
                     self._done(stream)

@@ -24,6 +24,7 @@ Sampling (temperature > 0) and templates whose stop string is not EOS use `model
 """
 
 import bisect
+import contextlib
 import dataclasses
 import functools
 import threading
@@ -453,14 +454,16 @@ class StreamSession:
         run.tokens = out[0].tolist()
         return self.finish(run)
 
-    def run_fast(self, run, should_stop=None):
+    def run_fast(self, run, should_stop=None, decoder=None):
         """Answer `run` on the fast path when it can take it (greedy, the stop string is EOS, prompt and answer
         fit the decoder's cache) -> whether it ran. `should_stop()` may end it early: then `run.tokens` holds
-        the tokens so far and the run can go on elsewhere (the engine moves it into the batch)."""
-        if not (self.fast and self._uses_decoder(run.temperature)):
+        the tokens so far and the run can go on elsewhere (the engine moves it into the batch). `decoder`: a
+        `GreedyDecoder` on this session's model to run on instead of the session's own (the engine's shared
+        one, when the session has no fast path); its caller owns it."""
+        if not ((self.fast or decoder is not None) and self._uses_decoder(run.temperature)):
             return False
-        with self._decoder_lock:
-            decoder = self._get_decoder()
+        with self._decoder_lock if decoder is None else contextlib.nullcontext():
+            decoder = self._get_decoder() if decoder is None else decoder
             if len(run.ids) - 1 + run.snapshot.num_tokens + run.max_new_tokens >= decoder.max_cache_len:
                 return False
             self._fast_generate(decoder, run, should_stop)

@@ -3,6 +3,7 @@ the answers of lone sessions; one that goes away or is bad leaves the others int
 
 import dataclasses
 import threading
+import time
 
 import pytest
 import torch
@@ -47,8 +48,9 @@ def _lone(loaded, cases, **kwargs):
 def engine():
     engines = []
 
-    def make(loaded, cases, **kwargs):
-        engine = Engine(answer_lane=True, keep_running=True, on_error="session", max_batch=3)
+    def make(loaded, cases, lone_fast_path=None, **kwargs):
+        engine = Engine(answer_lane=True, keep_running=True, on_error="session", max_batch=3,
+                        lone_fast_path=lone_fast_path)
         streams = [engine.add_session(f"s{i}", _session(loaded, frames, seed=i, **kwargs))
                    for i, (frames, _, _) in enumerate(cases)]
         engines.append(engine.start())
@@ -151,3 +153,40 @@ def test_a_bad_question_fails_alone_with_a_clear_error(loaded, engine):
     # the session of the bad question answers its next question
     job = engine.ask(streams[1], CASES[1][1], max_tokens=CASES[1][2])
     assert (job.future.result(TIMEOUT_S).answer.text, job.future.result().answer.new_tokens) == expected[1]
+
+
+def _wait_for(condition, timeout=TIMEOUT_S):
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        threading.Event().wait(0.01)
+
+
+def test_the_engines_lone_fast_path_keeps_the_prefix_of_the_one_session(loaded, engine):
+    """A session without a fast path (the server's) answering alone: on the engine's own fast-path decoder,
+    whose memory prefix the idle lane keeps on the newest snapshot while one session runs."""
+    cases = CASES[:1]
+    expected = _lone(loaded, cases)
+    engine, streams = engine(loaded, cases, lone_fast_path=True)
+    session = streams[0].session
+    _wait_for(lambda: engine._lone is not None and engine._lone.prefix_matches(session.prefix_ids(),
+                                                                               session.snapshot().tokens))
+    job = engine.ask(streams[0], cases[0][1], max_tokens=cases[0][2])
+    assert (job.future.result(TIMEOUT_S).answer.text, job.future.result().answer.new_tokens) == expected[0]
+    assert engine._batch.steps == 0 and engine._lone._generated >= 1  # the lone decoder answered
+    session.add_features(torch.randn(2, 256, loaded[1].config.mm_hidden_size))  # a newer snapshot
+    _wait_for(lambda: engine._lone.prefix_matches(session.prefix_ids(), session.snapshot().tokens))
+
+
+def test_the_lone_fast_path_hands_over_to_the_batch(loaded, engine):
+    cases = CASES[:2]
+    expected = _lone(loaded, cases)
+    engine, streams = engine(loaded, cases, lone_fast_path=True)
+    jobs, peak = _chain(engine, streams, cases, after_pieces=1)
+    assert [(j.future.result().answer.text, j.future.result().answer.new_tokens) for j in jobs] == expected
+    assert engine._lone._generated >= 1 and peak == 2  # began on the lone decoder, ended batched
+    # two sessions run: the idle lane keeps no prefix on a newer snapshot (it would thrash between them)
+    session = streams[0].session
+    session.add_features(torch.randn(1, 256, loaded[1].config.mm_hidden_size))
+    threading.Event().wait(0.5)  # five of the lane's idle wake-ups
+    assert not engine._lone.prefix_matches(session.prefix_ids(), session.snapshot().tokens)
