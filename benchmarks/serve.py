@@ -216,6 +216,59 @@ class GpuSampler:
             self.proc.wait(5)
 
 
+class ThreadSampler:
+    """Where the server's threads spend the measured window: every `interval` s the stack of each thread is
+    read (`sys._current_frames`); per thread kind (its name without a trailing number) the share of samples
+    whose innermost frame is each function, and the innermost frame of this project's code above it."""
+
+    def __init__(self, interval=0.005, top=8):
+        self.interval, self.top = interval, top
+        self.counts, self.samples = {}, {}
+        self._stop = threading.Event()
+        self._thread = None
+
+    @staticmethod
+    def _where(frame):
+        code = frame.f_code
+        return f"{os.path.basename(code.co_filename)}:{code.co_name}"
+
+    def _sample(self):
+        me = threading.get_ident()
+        while not self._stop.wait(self.interval):
+            names = {t.ident: t.name for t in threading.enumerate()}
+            for ident, frame in sys._current_frames().items():
+                if ident == me or ident not in names:
+                    continue
+                kind = names[ident].rstrip("0123456789").rstrip("_- ") or names[ident]
+                leaf, ours = self._where(frame), None
+                outer = frame
+                while outer is not None and ours is None:
+                    path = outer.f_code.co_filename
+                    if f"{os.sep}flash_vstream{os.sep}" in path or f"{os.sep}benchmarks{os.sep}" in path:
+                        ours = self._where(outer)
+                    outer = outer.f_back
+                key = leaf if ours is None or ours == leaf else f"{leaf} <- {ours}"
+                counts = self.counts.setdefault(kind, {})
+                counts[key] = counts.get(key, 0) + 1
+                self.samples[kind] = self.samples.get(kind, 0) + 1
+
+    def start(self):
+        self._thread = threading.Thread(target=self._sample, name="stack sampler", daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self):
+        """{thread kind: {"samples": n, "top": [[where, share], ...]}} (idle waits included)."""
+        self._stop.set()
+        self._thread.join(5)
+        out = {}
+        for kind, counts in sorted(self.counts.items()):
+            n = self.samples[kind]
+            top = sorted(counts.items(), key=lambda kv: -kv[1])[:self.top]
+            out[kind] = {"samples": n, "top": [[where, round(c / n, 3)] for where, c in top]}
+        return out
+
+
 def gpu_memory(device, reset=False):
     import torch
 
@@ -421,6 +474,7 @@ def run_level(bench, n, interval, warmup, questions_each, pool_ctx):
     deferred_before = engine.questions_deferred
     engine.stats["encode_memory_update"].reset()
     gpu_memory(bench.device, reset=True)
+    sampler = ThreadSampler().start() if args.sample_threads else None
     window = time.monotonic()
     aborted = None
     deadline = end + args.tail + 30  # clients that are still not done by then are stopped
@@ -438,6 +492,7 @@ def run_level(bench, n, interval, warmup, questions_each, pool_ctx):
         log(f"[server] N={n}: stopping early: {aborted}")
         stop.set()
     window_end = time.monotonic()
+    threads = sampler.stop() if sampler is not None else None
     outs = []
     for _ in procs:
         try:
@@ -460,6 +515,7 @@ def run_level(bench, n, interval, warmup, questions_each, pool_ctx):
                     time.monotonic() - started, interval)
     row["questions_deferred"] = engine.questions_deferred - deferred_before  # held back while ingest was behind
     row["ingest_s"] = engine.stats["encode_memory_update"].summary()  # the engine's encode + update, per frame
+    row["threads"] = threads
     return row
 
 
@@ -700,6 +756,8 @@ def parse_args(argv=None):
     p.add_argument("--cli-compile-decode", action="store_true",
                    help="the CLI fast path with its torch.compile'd decode step (30-50 s to build on a 7B)")
     p.add_argument("--skip-cli", action="store_true", help="no CLI fast-path first token")
+    p.add_argument("--sample-threads", action=argparse.BooleanOptionalAction, default=True,
+                   help="sample the server's thread stacks every 5 ms in each level's window (where the time goes)")
     p.add_argument("--video", default=os.path.join(REPO, "assets", "example.mp4"), help="the frames sent")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--smoke", action="store_true", help="CPU smoke: levels 1,2, baseline 2, seconds-long levels")

@@ -17,7 +17,7 @@ from flash_vstream.model.memory import STARMemory, memory_num_tokens
 from flash_vstream.serve.api.scheduler import (MemoryBudget, ServerEngine, answer_pool_bytes, kv_bytes_per_token,
                                                question_bytes, session_state_bytes, snapshot_bytes, stack_rows)
 from flash_vstream.serve.engine import SessionError
-from flash_vstream.serve.session import PROMPT_ROOM, state_nbytes
+from flash_vstream.serve.session import PROMPT_ROOM
 from serve.test_server_support import RunningServer, assert_error, data_url, jpeg_frames
 
 
@@ -56,8 +56,7 @@ def test_session_bytes_are_a_memory_row_and_a_snapshot(tiny_config, mode):
         for t in range(config.buffer_frames + 1):  # past the buffer, and enough frames for every memory token
             memory.update(torch.randn(1, 256, config.mm_hidden_size, generator=g).to(dtype), [float(t)])
         snapshot = memory.read()
-        row = state_nbytes(memory.stack) / memory.stack.capacity
-        held = row + snapshot.nelement() * snapshot.element_size()
+        held = memory.nbytes + snapshot.nelement() * snapshot.element_size()  # its stack row + the snapshot
         assert snapshot.shape[0] == memory_num_tokens(10**6, config)
         assert session_state_bytes(config, dtype.itemsize) == held, (mode, dtype)
 
@@ -275,3 +274,17 @@ def test_ingest_keeps_up_while_a_burst_of_questions_runs(server, frames):
     assert body["ingest_lag_s"]["p99"] <= 1.0, body["ingest_lag_s"]
     for sid in askers + [streamed]:
         server.delete(f"/v1/sessions/{sid}")
+
+
+def test_websocket_frames_are_not_deflated(server):
+    """The client offers permessage-deflate (websockets does by default); the server declines it: JPEG frames do
+    not compress, and inflating each one would cost the event loop that every stream shares."""
+    sid = server.session()["id"]
+
+    async def handshake():
+        async with websockets.connect(f"{server.ws_url}/v1/sessions/{sid}/ws") as ws:
+            assert json.loads(await ws.recv())["type"] == "session.created"
+            return ws.response.headers.get("Sec-WebSocket-Extensions")
+
+    assert not asyncio.run(handshake())
+    server.delete(f"/v1/sessions/{sid}")
