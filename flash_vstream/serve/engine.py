@@ -951,8 +951,10 @@ class Engine:
         wanted = session.model.device.type == "cuda" if self.lone_fast_path is None else self.lone_fast_path
         if not wanted or getattr(session, "fast", False) or not hasattr(session, "prefix_ids"):
             return
-        # no torch.compile: 30-50 s on a 7B; the Triton step in a CUDA graph is the realtime CLI's fast path too
-        path = FastPath(session.model, FastPathOptions(enabled=True, compile_decode=False)).fuse_weights()
+        # no torch.compile: 30-50 s on a 7B; the Triton step in a CUDA graph is the realtime CLI's fast path too.
+        # compile_vision off: fusing then leaves the CLIP tower alone (the ingest lane's graphs read its weights)
+        path = FastPath(session.model, FastPathOptions(enabled=True, compile_decode=False,
+                                                       compile_vision=False)).fuse_weights()
         decoder = path.decoder(session.answer_len()).setup()
         decoder.warm_up_suffixes(session.prefix_ids(), memory_num_tokens(10**6, session.model.config),
                                  session.model.config.mm_hidden_size, sizes=SUFFIX_SIZES)
