@@ -578,16 +578,13 @@ class MemoryStack:
         packed = torch.cat([_rows(self.tt, row_t), _rows(self.tfirst, row_t), _rows(self.tlast, row_t),
                             _rows(self.tw, row_t).double(), retrieved_times, _rows(self.spatial_times, row_t)],
                            dim=1).cpu()  # one sync
-        k1, r = self.temporal_frames + 1, self.retrieved_frames
+        k1, r, end = self.temporal_frames + 1, self.retrieved_frames, packed.shape[1]
         out = []
-        for b, m in enumerate(memories):
-            row = packed[b]
+        for row, m in zip(packed.tolist(), memories):  # Python lists: slicing them is cheap, tensors' is not
             tc, rc, sc = m._temporal_count, m._retrieved_count, m._spatial_count
             t, first, last, w = (row[i * k1:i * k1 + tc] for i in range(4))
-            spatial = row[4 * k1 + r:]
-            times = {"temporal": t.tolist(), "retrieved": row[4 * k1:4 * k1 + rc].tolist(),
-                     "spatial": spatial[spatial.shape[0] - sc:].tolist()}
-            out.append((times, w.long().tolist(), list(zip(first.tolist(), last.tolist()))))
+            times = {"temporal": t, "retrieved": row[4 * k1:4 * k1 + rc], "spatial": row[end - sc:end]}
+            out.append((times, [int(x) for x in w], list(zip(first, last))))
         return out
 
 
