@@ -115,9 +115,7 @@ def run_batched(model, items, answer_tokens, cuda_graph, max_prefill_tokens):
            "kv_gb": round(decoder.kv_bytes / 1e9, 3), "slot_len": decoder.max_len, "peak_gb": peak_gb(device),
            "graphs": len(decoder._graphs), "graph_errors": {f"{r}x{l}": e[:200] for (r, l), e in decoder.errors.items()},
            "tokens": tokens}
-    del decoder
-    free_memory(device)
-    return out
+    return out  # the decoder (its cache and graphs) goes with this frame: the caller frees the memory
 
 
 def run_sequential(decoder, items, answer_tokens):
@@ -231,8 +229,10 @@ def main(argv=None):
         row = {"sequential": run_sequential(decoder, items, answer_tokens)}
         row["sequential"]["peak_gb"] = peak_gb(device)
         row["batched"] = run_batched(model, items, answer_tokens, cuda, args.max_prefill_tokens)
+        free_memory(device)
         if cuda and k in eager_ks:
             row["batched_eager"] = run_batched(model, items, answer_tokens, False, args.max_prefill_tokens)
+            free_memory(device)
         seq, bat = row["sequential"], row["batched"]
         row["agreement"] = {"batched_vs_one_at_a_time": agreement(bat["tokens"], seq["tokens"])}
         if "batched_eager" in row:
