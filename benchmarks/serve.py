@@ -690,12 +690,17 @@ def plot(report, path):
             if not rows:
                 continue
             n = [r["streams"] for r in rows]
-            ax.plot(n, [1e3 * r[key]["p50"] for r in rows], "o-", color=colour, label=f"{kind} p50")
-            ax.plot(n, [1e3 * r[key]["p99"] for r in rows], "s--", color=colour, label=f"{kind} p99")
+            style = "-" if len(rows) > 2 else ""  # two levels far apart: points, no line implying the way between
+            ax.plot(n, [1e3 * r[key]["p50"] for r in rows], "o" + style, color=colour, label=f"{kind} p50")
+            ax.plot(n, [1e3 * r[key]["p99"] for r in rows], "s" + style.replace("-", "--"), color=colour,
+                    label=f"{kind} p99")
             for r in rows:
                 if not r["holds"]:
                     ax.annotate("misses", (r["streams"], 1e3 * r[key]["p99"]), textcoords="offset points",
                                 xytext=(4, 4), fontsize=7, color=colour)
+        cli = (report.get("cli_fast_path") or {}).get("first_token_s", {}).get("p50")
+        if key == "first_token_s" and cli:
+            ax.plot([1], [1e3 * cli], "*", color="tab:green", ms=10, label="CLI fast path p50 (one session)")
         ax.axhline(1e3 * target, color="tab:red", lw=0.8, ls=":", label=f"target p99 {1e3 * target:g} ms")
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")
@@ -705,7 +710,8 @@ def plot(report, path):
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=7)
     device = report["environment"].get("device", "")
-    fig.suptitle(f"benchmarks/serve.py on {device}: {report['args'].get('preset')} weights, a question every "
+    weights = "checkpoint" if report["args"].get("model_path") else f"{report['args'].get('preset')}-shaped random"
+    fig.suptitle(f"benchmarks/serve.py on {device}: {weights} weights, a question every "
                  f"{report['args'].get('question_interval'):g} s per stream, {report['args'].get('answer_tokens')}-token "
                  "answers", fontsize=10)
     fig.tight_layout()
