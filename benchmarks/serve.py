@@ -710,10 +710,10 @@ def plot(report, path):
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=7)
     device = report["environment"].get("device", "")
-    weights = "checkpoint" if report["args"].get("model_path") else f"{report['args'].get('preset')}-shaped random"
+    a = report["args"]
+    weights = "checkpoint" if a.get("model_path") else f"{a.get('preset')}-shaped random"
     fig.suptitle(f"benchmarks/serve.py on {device}: {weights} weights, a question every "
-                 f"{report['args'].get('question_interval'):g} s per stream, {report['args'].get('answer_tokens')}-token "
-                 "answers", fontsize=10)
+                 f"{a.get('question_interval'):g} s per stream, {a.get('answer_tokens')}-token answers", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 

@@ -42,6 +42,7 @@ HEADROOM_FRACTION = 0.10  # CUDA default budget: free memory after loading less 
 HEADROOM_MIN_BYTES = 4 * 2**30  # ... and at least this much (activations of a CLIP batch, prefill, fragments)
 INGEST_LAG_TARGET_S = 0.75  # three quarters of the 1-s lag a 1-fps viewer notices: room to catch up
 MAX_ANSWER_DEFER_S = 1.0
+DISPATCH_POLL_S = 0.005  # how often held-back questions are looked at
 
 
 def session_state_bytes(config, dtype_bytes):
@@ -192,6 +193,7 @@ class ServerEngine(Engine):
         self.ingest_lag_target_s = float(ingest_lag_target_s)
         self.max_answer_defer_s = float(max_answer_defer_s)
         self._deferred = collections.deque()  # (stream, QuestionJob) waiting for the ingest lane to catch up
+        self._wake = threading.Event()  # a question was deferred
         self.questions_deferred = 0  # how many questions ever waited
 
     def start(self):
@@ -327,7 +329,7 @@ class ServerEngine(Engine):
                     job = QuestionJob(question, snapshot, on_text, max_tokens, temperature, arrived=arrived)
                     self._deferred.append((stream, job))
                     self.questions_deferred += 1
-                    self._lock.notify_all()
+                    self._wake.set()
                 else:
                     job = super().ask(stream, question, max_tokens, temperature, on_text, snapshot, arrived)
             except BaseException:
@@ -340,8 +342,8 @@ class ServerEngine(Engine):
         """Seconds the oldest frame not yet in any running session's memory has waited (0: none waits)."""
         now = time.perf_counter() if now is None else now
         with self._lock:
-            oldest = [s.oldest_unlanded() for s in self._streams.values() if s.state == "running"]
-        oldest = [t for t in oldest if t is not None]
+            streams = [s for s in self._streams.values() if s.state == "running"]
+        oldest = [t for t in (s.oldest_unlanded() for s in streams) if t is not None]  # outside the lock
         return max(0.0, now - min(oldest)) if oldest else 0.0
 
     def deferred_count(self):
@@ -350,19 +352,20 @@ class ServerEngine(Engine):
 
     def _dispatch_loop(self):
         """Hands deferred questions to the answer lane, oldest first, once the ingest lane caught up or a
-        question waited `max_answer_defer_s`."""
+        question waited `max_answer_defer_s`. It looks every DISPATCH_POLL_S while questions wait -- not at
+        every wake-up of the engine's lock, which every frame sends -- and scans the sessions outside the lock."""
         while not self.stopped:
+            if not self.deferred_count():
+                self._wake.wait(POLL_S)
+                self._wake.clear()
+                continue
+            now = time.perf_counter()
+            caught_up = self.ingest_backlog_s(now) <= self.ingest_lag_target_s
             with self._lock:
-                if not self._deferred:
-                    self._lock.wait(POLL_S)
-                    continue
-                now = time.perf_counter()
-                caught_up = self.ingest_backlog_s(now) <= self.ingest_lag_target_s
-                while self._deferred and (caught_up or now - self._deferred[0][1].arrived >= self.max_answer_defer_s):
+                while self._deferred and (caught_up or
+                                          now - self._deferred[0][1].arrived >= self.max_answer_defer_s):
                     self._release(*self._deferred.popleft())
-                if self._deferred:
-                    self._lock.wait(min(POLL_S, 0.01 + max(0.0, self.max_answer_defer_s -
-                                                           (now - self._deferred[0][1].arrived))))
+            self.stop_event.wait(DISPATCH_POLL_S)
 
     def _release(self, stream, held):
         """Hand a deferred job to the answer lane: the lane's job answers, `held` (what the caller waits
