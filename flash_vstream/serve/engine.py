@@ -285,7 +285,7 @@ class Engine:
     captures its decode step as CUDA graphs. `lone_fast_path` (None: on CUDA): a question alone, of a session
     without a fast path of its own (the server's), runs on one `FastPath` decoder of the engine's, whose
     memory prefix the idle lane keeps for the newest snapshot while one session runs (as the CLI's session
-    does after every frame). `batch_ingest` (default) ingests each tick's frames of all
+    does after every frame); `warm_up_answers` builds it. `batch_ingest` (default) ingests each tick's frames of all
     sessions together (one CLIP batch, one memory update); False: one session after another.
     """
 
@@ -924,12 +924,6 @@ class Engine:
         if self._batch is None:
             from ..runtime.batch_decoder import BatchDecoder
 
-            try:  # first: it fuses weights in place, which graphs captured before would miss
-                self._build_lone(session)
-            except Exception as error:  # noqa: BLE001 -- lone questions go batched then
-                self.lone_fast_path, self._lone = False, None
-                self.log.write("error", role="answer lane", error=f"the lone fast path is off: "
-                               f"{type(error).__name__}: {error}", traceback=traceback.format_exc())
             fast_path = getattr(session, "fast_path", None)
             # one batch for all sessions: its decode graphs are captured once per shape, whatever the sessions'
             # own fast paths (the server runs those off: one per session would not scale)
@@ -942,7 +936,9 @@ class Engine:
 
     def _build_lone(self, session):
         """The engine's fast-path decoder for lone questions (`lone_fast_path`): one `FastPath` of the model,
-        its decode step and question sizes captured now; a part that cannot run falls back (logged)."""
+        its decode step and question sizes captured now; a part that cannot run falls back (logged). Built by
+        `warm_up_answers` only: its captures must not run beside the ingest lane's GPU work, and its fusing
+        re-points weights that graphs captured before would still read."""
         from ..model.memory import memory_num_tokens
         from ..runtime.fast_path import FastPath
         from ..runtime.options import FastPathOptions
@@ -980,20 +976,25 @@ class Engine:
         snapshot = session.snapshot()
         if snapshot is None:
             return
-        if self._batch is None and (self.lone_fast_path or self.lone_fast_path is None
-                                    and session.model.device.type == "cuda"):
-            self._batch_decoder(session)  # builds the lone decoder too, off any question's path
         lone = self._lone_decoder(session)
         if lone is not None and not lone.prefix_matches(session.prefix_ids(), snapshot.tokens):
             lone.cache_prefix(session.prefix_ids(), snapshot.tokens)
 
-    def warm_up_answers(self, session):
-        """Build the answer batch for `session`'s model and sizes now and capture its decode graphs (on CUDA),
-        instead of at the first batched question and the first step of each shape. Call it before questions
-        arrive (the lane thread owns the batch once they do). Returns the `BatchDecoder` (None: `session`
-        cannot share one)."""
+    def warm_up_answers(self, session, graphs=True):
+        """Before the engine starts: build, for `session`'s model and sizes, the lone fast path (when
+        `lone_fast_path` says so) and then the answer batch, and (`graphs`) capture the batch's decode graph
+        of every step shape, instead of at the first batched question and the first step of each shape.
+        Returns the `BatchDecoder` (None: `session` cannot share one)."""
+        if self._started or self._batch is not None:
+            raise RuntimeError("warm_up_answers() runs before the engine starts and before the first question")
+        try:  # first: fusing re-points weights in place, which graphs captured before would still read
+            self._build_lone(session)
+        except Exception as error:  # noqa: BLE001 -- lone questions go batched then
+            self.lone_fast_path, self._lone = False, None
+            self.log.write("error", role="answer lane", error=f"the lone fast path is off: {type(error).__name__}: "
+                           f"{error}", traceback=traceback.format_exc())
         decoder = self._batch_decoder(session)
-        if decoder is not None:
+        if decoder is not None and graphs:
             decoder.warm_up()
         return decoder
 

@@ -53,6 +53,8 @@ def engine():
                         lone_fast_path=lone_fast_path)
         streams = [engine.add_session(f"s{i}", _session(loaded, frames, seed=i, **kwargs))
                    for i, (frames, _, _) in enumerate(cases)]
+        if lone_fast_path:
+            engine.warm_up_answers(streams[0].session)  # builds the engine's lone fast path, then the batch
         engines.append(engine.start())
         return engine, streams
 

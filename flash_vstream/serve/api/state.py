@@ -209,7 +209,10 @@ class ServerState:
                                    question_bytes=lambda memory_tokens: question_bytes(config, dtype_bytes,
                                                                                         memory_tokens),
                                    ingest_lag_target_s=s.ingest_lag_target_s,
-                                   max_answer_defer_s=s.max_answer_defer_s).start()
+                                   max_answer_defer_s=s.max_answer_defer_s)
+        # the answer lane's lone fast path and batch, built and captured before any frame or question (engine.py)
+        self.engine.warm_up_answers(make_stream(1.0))
+        self.engine.start()
         self.ready.set()
 
     def close(self):
