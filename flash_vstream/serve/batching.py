@@ -18,6 +18,7 @@ Sessions that are not `StreamSession`s (anything with `add_frame`) are fed one a
 """
 
 import concurrent.futures
+import threading
 
 import torch
 
@@ -82,6 +83,11 @@ class IngestBatcher:
         if self._pool is None:
             self._pool = concurrent.futures.ThreadPoolExecutor(self.preprocess_threads,
                                                                thread_name_prefix="frame preprocessing")
+            # every thread now, not one more under a later load: the process's thread count does not drift
+            # (tests/serve/test_server_soak.py)
+            barrier = threading.Barrier(self.preprocess_threads)
+            for started in [self._pool.submit(barrier.wait, 10.0) for _ in range(self.preprocess_threads)]:
+                started.result()
         return list(self._pool.map(call, indices))
 
     def close(self):
