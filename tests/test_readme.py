@@ -59,6 +59,30 @@ def test_numbers_parse_with_their_digits():
         _check("10.3–10.8 ms", [10.29, 11.2])
 
 
+def test_training_table_matches_the_benchmark_jsons():
+    def run(name, stage, label):
+        with open(os.path.join(DOCS, name)) as f:
+            report = json.load(f)
+        return next(r for r in report["baseline"] + report["stages"] + report["variants"]
+                    if (r["stage"], r["run"]) == (stage, label)), report
+
+    text = _readme()
+    rows = {"stage 1, baseline (memory built in forward, checkpointing)": run("bench_train_h200.json", 1, "baseline"),
+            "stage 1, memory built by the workers, no checkpointing, compiled layers": run("bench_train_h200.json", 1,
+                                                                                            "compile"),
+            "stage 2, baseline (memory built in forward, checkpointing, fp32 master)": run("bench_train_h200.json", 2,
+                                                                                           "baseline"),
+            "stage 2, workers, in-backward AdamW, no checkpointing, compiled layers": run(
+                "bench_train_h200_stage2_fast.json", 2, "fast")}
+    for label, (r, _) in rows.items():
+        step, mfu, peak = _table_row(text, label)
+        _check(step, [r["step_s"]])
+        _check(mfu, [r["mfu"]], scale=100)
+        _check(peak, [r["peak_gib_per_gpu"]])
+    projection = rows["stage 2, workers, in-backward AdamW, no checkpointing, compiled layers"][1]["projection_7b"]
+    assert f"projects to {projection['both_stages_hours']:.2f} h on 8 GPUs" in text
+
+
 def test_realtime_table_matches_the_benchmark_json():
     with open(os.path.join(DOCS, "bench_h100.json")) as f:
         summary = {row["metric"]: row for row in json.load(f)["summary"]}
