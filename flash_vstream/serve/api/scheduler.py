@@ -163,13 +163,13 @@ class MemoryBudget:
 class ServerEngine(Engine):
     """Owns the model and the lanes; the web layer calls these methods from any thread.
 
-    `budget`: a MemoryBudget; `session_bytes`: a session's memory row and snapshot (`snapshot_bytes` of
-    it the snapshot); `answer_pool_bytes`: the answer
+    `budget`: a MemoryBudget; `session_bytes`: what a session holds -- its memory row plus `outside_bytes`
+    outside the stack (its snapshot; with a fast path per session, that decoder's cache too); `answer_pool_bytes`: the answer
     lane's KV cache, reserved at once; `question_bytes(memory_tokens)`: what a question reserves (None:
     nothing); `max_batch`: the answers the lane runs at once (continuous batching)."""
 
     def __init__(self, make_stream, max_sessions=16, inbox_size=8, max_pending_questions=4, idle_timeout_s=600.0,
-                 metrics=None, open_source_fn=open_source, budget=None, session_bytes=0, snapshot_bytes=0,
+                 metrics=None, open_source_fn=open_source, budget=None, session_bytes=0, outside_bytes=0,
                  answer_pool_bytes=0,
                  question_bytes=None, ingest_lag_target_s=INGEST_LAG_TARGET_S, max_answer_defer_s=MAX_ANSWER_DEFER_S,
                  **engine_options):
@@ -186,7 +186,7 @@ class ServerEngine(Engine):
             raise ValueError(f"the memory budget ({total / 2**20:.1f} MiB) does not hold the answers' KV cache "
                              f"({answer_pool_bytes / 2**20:.1f} MiB) and one session ({session_bytes / 2**20:.1f} MiB)")
         self.budget.reserve("answer_pool", "answers", answer_pool_bytes, "the answers' KV cache")
-        self.session_bytes, self.snapshot_bytes = int(session_bytes), int(snapshot_bytes)
+        self.session_bytes, self.outside_bytes = int(session_bytes), int(outside_bytes)
         self.question_bytes = question_bytes
         if not ingest_lag_target_s > 0 or max_answer_defer_s < 0:
             raise ValueError("ingest_lag_target_s must be > 0 and max_answer_defer_s >= 0")
@@ -269,10 +269,10 @@ class ServerEngine(Engine):
     def _hold_memories(self, sessions, what=None):
         """The budget holds the memory rows and snapshots of `sessions` sessions; `what`: a session asks to
         come in (429 when it does not fit), else bytes are given back."""
-        row = self.session_bytes - self.snapshot_bytes
+        row = self.session_bytes - self.outside_bytes
         rows, peak = stack_rows(self.stack_capacity(), sessions)
-        self.budget.reserve("memories", "session", rows * row + sessions * self.snapshot_bytes, what,
-                            peak=peak * row + sessions * self.snapshot_bytes, check=what is not None)
+        self.budget.reserve("memories", "session", rows * row + sessions * self.outside_bytes, what,
+                            peak=peak * row + sessions * self.outside_bytes, check=what is not None)
 
     def get(self, session_id):
         with self._lock:

@@ -199,12 +199,17 @@ class ServerState:
         config, dtype_bytes = model.config, model.get_model().mm_projector_dtype().itemsize
         total = s.memory_budget_bytes if s.memory_budget_bytes is not None else default_budget_bytes(model.device)
         context = int(context_len or getattr(config, "tokenizer_model_max_length", None) or 2048)
+        # --fast on (auto on CUDA): every session builds a decoder of its own, whose cache is one answer slot
+        per_session_fast = s.fast == "on" or (s.fast == "auto" and model.device.type == "cuda")
+        decoder = answer_pool_bytes(config, dtype_bytes, 1, s.max_tokens, context) if per_session_fast else 0
+        # the answer batch's slots, and on CUDA the engine's lone fast path (one slot) for sessions without their own
+        slots = s.max_batch + (1 if model.device.type == "cuda" and not per_session_fast else 0)
         self.engine = ServerEngine(make_stream, max_sessions=s.max_sessions, inbox_size=s.inbox_size,
                                    max_pending_questions=s.max_pending_questions, idle_timeout_s=s.idle_timeout_s,
                                    metrics=self.metrics, budget=MemoryBudget(total), max_batch=s.max_batch,
-                                   session_bytes=session_state_bytes(config, dtype_bytes),
-                                   snapshot_bytes=snapshot_bytes(config, dtype_bytes),
-                                   answer_pool_bytes=answer_pool_bytes(config, dtype_bytes, s.max_batch, s.max_tokens,
+                                   session_bytes=session_state_bytes(config, dtype_bytes) + decoder,
+                                   outside_bytes=snapshot_bytes(config, dtype_bytes) + decoder,
+                                   answer_pool_bytes=answer_pool_bytes(config, dtype_bytes, slots, s.max_tokens,
                                                                        context),
                                    question_bytes=lambda memory_tokens: question_bytes(config, dtype_bytes,
                                                                                         memory_tokens),
