@@ -221,7 +221,7 @@ class ThreadSampler:
     read (`sys._current_frames`); per thread kind (its name without a trailing number) the share of samples
     whose innermost frame is each function, and the innermost frame of this project's code above it."""
 
-    def __init__(self, interval=0.005, top=8):
+    def __init__(self, interval=0.02, top=8):  # 50 Hz: a sample holds the GIL ~0.5 ms for ~40 threads
         self.interval, self.top = interval, top
         self.counts, self.samples = {}, {}
         self._stop = threading.Event()
@@ -763,7 +763,7 @@ def parse_args(argv=None):
                    help="the CLI fast path with its torch.compile'd decode step (30-50 s to build on a 7B)")
     p.add_argument("--skip-cli", action="store_true", help="no CLI fast-path first token")
     p.add_argument("--sample-threads", action=argparse.BooleanOptionalAction, default=True,
-                   help="sample the server's thread stacks every 5 ms in each level's window (where the time goes)")
+                   help="sample the server's thread stacks every 20 ms in each level's window (where the time goes)")
     p.add_argument("--video", default=os.path.join(REPO, "assets", "example.mp4"), help="the frames sent")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--smoke", action="store_true", help="CPU smoke: levels 1,2, baseline 2, seconds-long levels")
