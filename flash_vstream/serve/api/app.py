@@ -145,7 +145,10 @@ def create_app(state):
 
     @app.get("/metrics")
     async def metrics():
-        return Response(generate_latest(state.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+        # off the event loop: with many sessions the per-session gauges take a while, and every stream's frames and
+        # answers go through this loop
+        text = await asyncio.to_thread(generate_latest, state.metrics.registry)
+        return Response(text, media_type=CONTENT_TYPE_LATEST)
 
     @app.get("/")
     async def page():
@@ -173,7 +176,8 @@ def create_app(state):
 
     @app.get("/v1/sessions")
     async def list_sessions():
-        return {"object": "list", "data": [s.describe() for s in state.engine.list()]}
+        data = await asyncio.to_thread(lambda: [s.describe() for s in state.engine.list()])  # off the loop, as /metrics
+        return {"object": "list", "data": data}
 
     @app.get("/v1/sessions/{session_id}")
     async def get_session(session_id: str):
