@@ -12,22 +12,14 @@ import argparse
 import json
 import os
 
-from flash_vstream.demo.run_demo import demo_paths
-from flash_vstream.eval_video import inference, metrics
+from flash_vstream.demo.run_demo import demo_paths, evaluate
 from flash_vstream.utils.files import write_json
 
 SCHEMES = {"full": (), "int8": ("--load-8bit",), "int4": ("--load-4bit",)}
 
 
 def run_scheme(paths, out, device, flags):
-    argv = ["--model-path", paths["stage2"], "--qa-file", paths["test_qa"],
-            "--video-dir", os.path.join(paths["features"], "videos", "test"),
-            "--output-file", os.path.join(out, "pred.jsonl"), "--max-new-tokens", "6", "--batch-size", "20",
-            "--device", device, *flags]
-    if inference.main(argv) != 0:
-        raise RuntimeError(f"inference {' '.join(flags) or '(full precision)'} failed")
-    metrics.evaluate(os.path.join(out, "pred.jsonl"), os.path.join(out, "exact"), mode="exact",
-                     qa_file=paths["test_qa"])
+    out = evaluate(paths, device, " ".join(flags) or "full precision", extra=flags, out=out)
     with open(os.path.join(out, "exact", "results.json")) as f:
         results = json.load(f)
     with open(os.path.join(out, "pred.jsonl")) as f:

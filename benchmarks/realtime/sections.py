@@ -51,6 +51,14 @@ COMPILE_MIN_TIME_S = 150  # don't start the CLIP compile with less budget left t
 EXTRACTION_RESERVE_S = 180  # the full-context baseline leaves this much of the budget to extraction
 
 
+def record_failure(out, error, label):
+    """Marks a section (or one scheme of it) failed in its JSON entry, with the error and the traceback's end,
+    and says so in the log: the run goes on with the others."""
+    out.update(status="failed", error=f"{type(error).__name__}: {error}"[:2000],
+               traceback=traceback.format_exc().splitlines()[-15:])
+    log(f"{label} FAILED: {type(error).__name__}: {str(error)[:300]}")
+
+
 def summary(samples_ms):
     """{n, mean, min, max, p50, p99} of milliseconds, to the microsecond (None for no samples)."""
     return _summary(samples_ms, digits=3)
@@ -473,9 +481,7 @@ def section_quantized(b, out):
                 section_streaming(q, entry["streaming"])
             entry["status"] = "ok"
         except Exception as error:  # noqa: BLE001 -- one scheme failing must not lose the other
-            entry.update(status="failed", error=f"{type(error).__name__}: {error}"[:2000],
-                         traceback=traceback.format_exc().splitlines()[-15:])
-            log(f"  {scheme} FAILED: {type(error).__name__}: {str(error)[:300]}")
+            record_failure(entry, error, f"  {scheme}")
         finally:
             q = model = None
             torch._dynamo.reset()
@@ -524,9 +530,7 @@ def run_section(b, name):
             SECTION_FUNCTIONS[name](b, out)
         out["status"] = "ok"
     except Exception as error:  # noqa: BLE001 -- one failed section must not lose the others
-        out.update(status="failed", error=f"{type(error).__name__}: {error}"[:2000],
-                   traceback=traceback.format_exc().splitlines()[-15:])
-        log(f"[{name}] FAILED: {type(error).__name__}: {str(error)[:300]}")
+        record_failure(out, error, f"[{name}]")
     finally:
         out["seconds"] = round(time.perf_counter() - start, 1)
         free_memory(b.device)

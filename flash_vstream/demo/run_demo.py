@@ -133,10 +133,12 @@ def train_stage(preset, paths, device, stage):
     train(common + argv)
 
 
-def evaluate(paths, device, name, extra=()):
+def evaluate(paths, device, name, extra=(), out=None):
+    """Answers the held-out set with the stage-2 model (inference flags `extra`) and scores it by exact match
+    into `out` (default: the demo's eval/<name>); returns `out`: pred.jsonl and exact/results.json."""
     from ..eval_video import inference, metrics
 
-    out = os.path.join(paths["eval"], name)
+    out = out or os.path.join(paths["eval"], name)
     argv = ["--model-path", paths["stage2"], "--qa-file", paths["test_qa"],
             "--video-dir", os.path.join(paths["features"], "videos", "test"),
             "--output-file", os.path.join(out, "pred.jsonl"), "--max-new-tokens", "6", "--batch-size", "20",
@@ -145,6 +147,7 @@ def evaluate(paths, device, name, extra=()):
         raise RuntimeError(f"inference for {name} failed")
     metrics.evaluate(os.path.join(out, "pred.jsonl"), os.path.join(out, "exact"), mode="exact",
                      qa_file=paths["test_qa"])
+    return out
 
 
 def majority_baseline(paths):
