@@ -130,13 +130,24 @@ class _Points(NamedTuple):
     def take(self, index):
         return _Points(*(v.index_select(0, index) for v in self))
 
+    def batched(self):
+        """These points as a batch of one stream: (k, ...) -> (1, k, ...)."""
+        return _Points(*(v[None] for v in self))
+
+    def stream(self, b=0):
+        """Stream b of a batch: (B, k, ...) -> (k, ...)."""
+        return _Points(*(v[b] for v in self))
+
     def cat(self, other):
         return _Points(*(torch.cat(pair) for pair in zip(self, other)))
 
     def gather(self, index):
         """Per stream, the points at `index` (B, m) -> (B, m, ...)."""
         return _Points(*(v.gather(1, index[..., None].expand(-1, -1, v.shape[-1]) if v.dim() == 3 else index)
-                         for v in (self.x, self.w, self.t, self.first, self.last)))
+                         for v in self))
+
+
+TEMPORAL = ("tx", "tw", "tt", "tfirst", "tlast")  # MemoryStack's temporal tensors, the fields of _Points in order
 
 
 # --- batched primitives: leading dim B = streams. The one-frame update of every stream (MemoryStack.update)
@@ -268,7 +279,7 @@ def _sqdist(a, b):
 
 
 def _reduce(points, assign, k):
-    return _Points(*(v[0] for v in _reduce_many(_Points(*(v[None] for v in points)), assign[None], k)))
+    return _reduce_many(points.batched(), assign[None], k).stream()
 
 
 def _nearest(x, w, centroids):
@@ -385,9 +396,11 @@ class MemoryStack:
         batch = len(memories)
         if features.shape[0] != batch or len(timestamps) != batch:
             raise ValueError(f"{batch} memories, {features.shape[0]} frames and {len(timestamps)} timestamps")
+        if any(m._stack is not self for m in memories):
+            raise ValueError("every memory of a stack update must be in that stack (STARMemory.join)")
+        if len({id(m) for m in memories}) != batch:
+            raise ValueError(f"{batch} memories, not distinct: a stack update takes one frame of each")
         for m in memories:
-            if m._stack is not self:
-                raise ValueError("every memory of a stack update must be in that stack (STARMemory.join)")
             m._dtype = features.dtype
         with torch.no_grad():
             self._update(memories, features.detach(), [float(t) for t in timestamps])
@@ -458,7 +471,7 @@ class MemoryStack:
         _put(self.tw, rows, count, torch.ones_like(new_t, dtype=torch.float32))
         for name in ("tt", "tfirst", "tlast"):
             _put(getattr(self, name), rows, count, new_t)
-        points = _Points(*(_rows(getattr(self, name), rows) for name in ("tx", "tw", "tt", "tfirst", "tlast")))
+        points = self._temporal(rows)  # (b, K+1, ...)
         k, n = self.temporal_frames, count + 1  # n: points per stream
         position = torch.arange(k + 1, device=self.device)
         full = [plan["tc"][i] >= k for i in plan["fed_at"]]
@@ -471,15 +484,22 @@ class MemoryStack:
                 unweighted = sub._replace(w=torch.ones_like(sub.w))
                 clusters = _reduce_many(unweighted, _upstream_kmeans_many(sub, k, generators), k)  # (u, K)
                 pad = _Points(*(torch.cat([c, v[:, k:]], dim=1) for c, v in zip(clusters, sub)))  # (u, K+1)
-                for name, v in zip(("tx", "tw", "tt", "tfirst", "tlast"), pad):
-                    getattr(self, name).index_copy_(0, rows.index_select(0, at), v)
+                self._set_temporal(rows.index_select(0, at), pad)
             return
         merged, drop = _merge_closest_pair_many(points, n)
         merging = _upload(full, self.device, torch.bool)  # (b,) k+1 points: merge the closest pair
         points = _Points(*(torch.where(merging.view(-1, *[1] * (v.dim() - 1)), m, v) for m, v in zip(merged, points)))
         kept = (position[None] < n[:, None]) & ~(merging[:, None] & (position[None] == drop[:, None]))  # (b, K+1)
         order = torch.sort(torch.where(kept, points.t, INF), dim=1, stable=True).indices  # time order, dropped last
-        for name, v in zip(("tx", "tw", "tt", "tfirst", "tlast"), points.gather(order)):
+        self._set_temporal(rows, points.gather(order))
+
+    def _temporal(self, rows):
+        """The temporal points of stack rows `rows` (b,) -> _Points (b, K+1, ...)."""
+        return _Points(*(_rows(getattr(self, name), rows) for name in TEMPORAL))
+
+    def _set_temporal(self, rows, points):
+        """Write _Points (b, K+1, ...) into stack rows `rows` (b,)."""
+        for name, v in zip(TEMPORAL, points):
             getattr(self, name).index_copy_(0, rows, v)
 
     def _update_abstract(self, plan, index, features):
@@ -578,7 +598,7 @@ class MemoryStack:
         packed = torch.cat([_rows(self.tt, row_t), _rows(self.tfirst, row_t), _rows(self.tlast, row_t),
                             _rows(self.tw, row_t).double(), retrieved_times, _rows(self.spatial_times, row_t)],
                            dim=1).cpu()  # one sync
-        k1, r, end = self.temporal_frames + 1, self.retrieved_frames, packed.shape[1]
+        k1, end = self.temporal_frames + 1, packed.shape[1]
         out = []
         for row, m in zip(packed.tolist(), memories):  # Python lists: slicing them is cheap, tensors' is not
             tc, rc, sc = m._temporal_count, m._retrieved_count, m._spatial_count
@@ -609,8 +629,6 @@ def _config_key(config):
     names = ("mm_hidden_size", "spatial_frames", "spatial_pool", "temporal_frames", "temporal_pool",
              "abstract_frames", "abstract_pool", "abstract_update_ratio", "retrieved_frames", "buffer_frames",
              "memory_mode")
-    if isinstance(config, STARMemory):
-        return config._config_key
     return tuple(getattr(config, name) for name in names)
 
 
@@ -720,15 +738,10 @@ class STARMemory:
         if self._stack is None:
             self._allocate(features)
         if n == 1:  # a stream's frame: the batched one-frame update, with a batch of one
-            if timestamps is None:
-                times = [self._frames_seen / self.video_fps]
-            else:
-                times = torch.as_tensor(timestamps, dtype=torch.float64).reshape(-1).tolist()
-                if len(times) != 1:
-                    raise ValueError(f"1 frame but {len(times)} timestamps")
+            times = [self._frames_seen / self.video_fps] if timestamps is None else self._times(1, timestamps).tolist()
             self._stack.update([self], features, times)
             return self
-        tokens = self._ingest(features, self._times(n, timestamps, features.device))
+        tokens = self._ingest(features, timestamps)
         if tokens is not None:
             self._update_abstract(tokens)
         return self
@@ -739,7 +752,8 @@ class STARMemory:
             raise ValueError(f"features must be (n, {PATCH_GRID**2}, {self.dim}), got {tuple(features.shape)}")
         return n
 
-    def _times(self, n, timestamps, device):
+    def _times(self, n, timestamps, device=None):
+        """n frames' seconds (n,) fp64: `timestamps` checked against n, or frame counter / fps."""
         if timestamps is None:
             return (self._frames_seen + torch.arange(n, dtype=torch.float64, device=device)) / self.video_fps
         times = torch.as_tensor(timestamps, dtype=torch.float64, device=device).reshape(-1)  # (n,)
@@ -756,8 +770,7 @@ class STARMemory:
         if self._stack is None:
             self._allocate(features)
         stack, row, device = self._stack, self._row, features.device
-        times = timestamps if isinstance(timestamps, torch.Tensor) else self._times(n, timestamps, device)
-        times = times.to(device=device, dtype=torch.float64)
+        times = self._times(n, timestamps, device)
         features = features.detach()
         self._dtype = features.dtype
 
@@ -802,30 +815,28 @@ class STARMemory:
 
     def _update_temporal(self, new):
         stack, row, count = self._stack, self._row, self._temporal_count
-        points = _Points(stack.tx[row, :count], stack.tw[row, :count], stack.tt[row, :count],
-                         stack.tfirst[row, :count], stack.tlast[row, :count]).cat(new)
+        points = _Points(*(getattr(stack, name)[row, :count] for name in TEMPORAL)).cat(new)
         n, k = points.w.shape[0], self.temporal_frames
         if self.upstream:
             # upstream: every point weighs 1 (no weights carried over) and the centroids stay in
             # initialisation order instead of time order
             if n > k:
                 unweighted = points._replace(w=torch.ones_like(points.w))
-                assign = _upstream_kmeans_many(_Points(*(v[None] for v in points)), k, [self._generator])[0]
+                assign = _upstream_kmeans_many(points.batched(), k, [self._generator])[0]
                 points = _reduce(unweighted, assign, k)
             clusters = points
         else:
             if n <= k:
                 clusters = points
             elif n == k + 1:  # k+1 points: the exact optimum, no Lloyd
-                merged, drop = _merge_closest_pair_many(_Points(*(v[None] for v in points)),
-                                                        torch.tensor([n], device=points.w.device))
+                merged, drop = _merge_closest_pair_many(points.batched(), torch.tensor([n], device=points.w.device))
                 index = torch.arange(k, device=drop.device)
-                clusters = _Points(*(v[0] for v in merged)).take(index + (index >= drop).long())  # all but j
+                clusters = merged.stream().take(index + (index >= drop).long())  # all but j
             else:
                 clusters = _reduce(points, _weighted_kmeans(points, k, self._generator), k)
             clusters = clusters.take(torch.sort(clusters.t, stable=True).indices)  # time order
         size = min(n, k)
-        for name, v in zip(("tx", "tw", "tt", "tfirst", "tlast"), clusters):
+        for name, v in zip(TEMPORAL, clusters):
             getattr(stack, name)[row, :size] = v
         self._temporal_count = size
 
@@ -917,8 +928,6 @@ class STARMemory:
     def num_tokens(self):
         return (self._abstract_count * self.abstract_pool**2 + self._temporal_count * self.temporal_pool**2
                 + (self._retrieved_count + self._spatial_count) * self.spatial_pool**2)
-
-
 
 
 # --- training: one whole clip, the frozen part apart from the trained one --------------------------

@@ -94,3 +94,10 @@ def test_frozen_part_needs_no_weights_and_no_grad():
     assert frozen["abstract"].shape == (25, 1, D) and frozen["abstract_inputs"].shape == (35, 1, D)
     short = frozen_memory(clips([1])[0], released_config("upstream"))  # upstream: one frame is spatial only
     assert short["abstract"].shape == (0, 1, D) and short["tokens"].shape == (64, D)
+
+
+
+def test_frozen_part_checks_its_timestamps():
+    """Timestamps given as a tensor are checked against the frames like any others."""
+    with pytest.raises(ValueError, match="60 frames but 59 timestamps"):
+        frozen_memory(clips([60])[0], released_config("paper"), timestamps=torch.arange(59.0))

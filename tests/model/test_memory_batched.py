@@ -155,6 +155,9 @@ def test_bad_batches_are_refused():
         stack.update([memory, outside], random_frames(2, seed=0), [0.0, 0.0])
     with pytest.raises(ValueError, match="1 memories, 2 frames and 1 timestamps"):
         stack.update([memory], random_frames(2, seed=0), [0.0])
+    with pytest.raises(ValueError, match="2 memories, not distinct"):
+        stack.update([memory, memory], random_frames(2, seed=0), [0.0, 1.0])
+    assert memory.frames_seen == 0  # a refused batch changes nothing
     with pytest.raises(ValueError, match="its config and its Semantic Attention"):
         STARMemory(make_config(**{**SMALL, "video_long_memory_length": 3}), module).join(stack)
     with pytest.raises(ValueError, match="its config and its Semantic Attention"):
