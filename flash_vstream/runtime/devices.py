@@ -23,6 +23,7 @@ resolved once for one device type (runtime/options.py).
 """
 
 import copy
+import itertools
 
 import torch
 
@@ -83,8 +84,8 @@ def module_devices(model):
     inner = model.get_model()
     tower = model.get_vision_tower()
 
-    def of(module):
-        return str(next(module.parameters()).device)
+    def of(module):  # a quantized layer (model/quantization.py) holds buffers only
+        return str(next(itertools.chain(module.parameters(), module.buffers())).device)
 
     return {"vision_tower": of(tower) if tower is not None and tower.is_loaded else None,
             "embed_tokens": of(inner.embed_tokens), "layers": of(inner.layers), "lm_head": of(model.lm_head),

@@ -14,6 +14,7 @@ from flash_vstream.mm_utils import tokenizer_image_token
 from flash_vstream.model.builder import load_pretrained_model
 from flash_vstream.model.quantization import (LLAMA_PROJECTIONS, QuantizedLinear, QuantizedWeight, group_size_for,
                                               quantize_model, quantize_weight, quantized_bytes)
+from flash_vstream.runtime.devices import module_devices
 
 SCHEMES_BITS = {"int8": 8, "int4": 4}
 # the prompt set of the agreement test: questions the demo's tokenizer knows words of
@@ -97,6 +98,7 @@ def test_quantize_model_converts_the_llm_projections_and_head_only(scheme):
                                   "layers": len(layers) * 7 + 1}
     assert quantized_bytes(model) < before
     assert "qweight" in "".join(model.state_dict())
+    assert module_devices(model)["lm_head"] == "cpu"  # a quantized head has buffers, no parameters
     with pytest.raises(ValueError, match="quantized already"):
         quantize_model(model, scheme)
     with pytest.raises(ValueError, match="one of \\['int4', 'int8'\\]"):
