@@ -327,11 +327,11 @@ class BatchDecoder:
         slots = torch.tensor([r.slot for r in joiners], dtype=torch.long, device=self.device)  # (J,)
         positions = self._key_slots[:width].expand(len(joiners), width)  # (J, P)
         hidden = self._layers(hidden, positions, slots, kv_len=None)  # (J, P, hidden)
-        last = torch.tensor(lengths, device=self.device) - 1  # (J,)
-        logits = self._logits(hidden[torch.arange(len(joiners), device=self.device), last])  # (J, vocab)
+        lengths_t = torch.tensor(lengths, device=self.device)  # (J,)
+        logits = self._logits(hidden[torch.arange(len(joiners), device=self.device), lengths_t - 1])  # (J, vocab)
         for request, length in zip(joiners, lengths):
             self._length[request.slot] = length
-        self._pos[slots] = torch.tensor(lengths, device=self.device)  # the first token's position, per slot
+        self._pos[slots] = lengths_t  # the first token's position, per slot
         tokens = self._select(logits, joiners)  # (J,)
         self._ids[slots] = tokens  # the next decode step's inputs
         return tokens

@@ -59,7 +59,10 @@ def _result(tensors, kinds, quantized, linears):
 def fused_tensors(linears, owner, name):
     """(weight, bias or None) of `fuse_linears(linears, owner, name)` when the modules still point into
     them, else None. Reads only: nothing is fused here."""
-    kinds, quantized = _kinds(linears, name)
+    return _cached(linears, owner, name, *_kinds(linears, name))
+
+
+def _cached(linears, owner, name, kinds, quantized):
     cached = [getattr(owner, f"{name}_{kind}", None) for kind in kinds]
     if all(c is not None and _is_fused([getattr(linear, kind) for linear in linears], c)
            for c, kind in zip(cached, kinds)):
@@ -93,7 +96,7 @@ def fuse_linears(linears, owner, name):
     modules still point into them; after a reload or `.to()` replaced a weight, they are built again.
     """
     kinds, quantized = _kinds(linears, name)
-    cached = fused_tensors(linears, owner, name)
+    cached = _cached(linears, owner, name, kinds, quantized)
     if cached is not None:
         return cached
     fused = []
