@@ -58,21 +58,15 @@ class IngestBatcher:
                 batched.append(i)
             else:
                 results[i] = _attempt(lambda: session.add_frame(frame, t))
+
         def preprocess(i):
             name, session, frame, t = items[i]
             return _attempt(lambda: session.preprocess([frame]), name, t)  # (1, 3, S, S)
 
         pixels = dict(zip(batched, self._map(preprocess, batched)))
-        ready = [i for i in batched if not isinstance(pixels[i], BaseException)]
-        for i in batched:
-            if i not in ready:
-                results[i] = pixels[i]
+        ready = _passed(pixels, batched, results)
         features = self._encode(items, pixels, ready)
-        ok = [i for i in ready if not isinstance(features[i], BaseException)]
-        for i in ready:
-            if i not in ok:
-                results[i] = features[i]
-        for i, result in self._remember(items, features, ok).items():
+        for i, result in self._remember(items, features, _passed(features, ready, results)).items():
             results[i] = result
         return results
 
@@ -156,6 +150,17 @@ class IngestBatcher:
             for (i, _, t), session, mine, about in zip(group, sessions, tokens, described):
                 results[i] = _attempt(lambda: session._publish(t, mine, about), items[i][0], t)
         return results
+
+
+def _passed(outcomes, indices, results):
+    """The items of `indices` whose outcome is not an exception; a failed item's exception goes to `results`."""
+    passed = []
+    for i in indices:
+        if isinstance(outcomes[i], BaseException):
+            results[i] = outcomes[i]
+        else:
+            passed.append(i)
+    return passed
 
 
 def _named(error, name, t):

@@ -890,31 +890,35 @@ class Engine:
         running = {}  # BatchRequest -> (stream, job, AnswerRun)
         try:
             while not self.stopped:
-                decoder = self._batch
-                busy = decoder is not None and not decoder.idle
                 took = False
-                while not self.stopped:
+                while not self.stopped:  # wait for a question only while nothing runs or was just taken
                     stream, job = self._next_question(skip={s for s, _, _ in running.values()},
-                                                      wait=not (busy or took))
+                                                      wait=not (took or self._batch_busy()))
                     if stream is None:
                         break
                     took = True
                     self._start_question(stream, job, running)
-                    busy = self._batch is not None and not self._batch.idle
-                if self._batch is not None and not self._batch.idle:
+                if self._batch_busy():
                     self._batch_step(running)
                 elif not took and not self.stopped:
                     try:
                         self._refresh_lone_prefix()
                     except Exception as error:  # noqa: BLE001 -- lone questions go batched from now on
-                        self.lone_fast_path, self._lone = False, None
-                        self.log.write("error", role="answer lane", error=f"the lone fast path is off: "
-                                       f"{type(error).__name__}: {error}", traceback=traceback.format_exc())
+                        self._lone_off(error)
         finally:
             # stopping: the answers still running end with what they have (as a lone one does)
             for request in list(running):
                 self._batch.cancel(request)
                 self._end_batched(request, running)
+
+    def _batch_busy(self):
+        return self._batch is not None and not self._batch.idle
+
+    def _lone_off(self, error):
+        """The lone fast path failed (`error`, being handled): lone questions go batched from now on (logged)."""
+        self.lone_fast_path, self._lone = False, None
+        self.log.write("error", role="answer lane", error=f"the lone fast path is off: {type(error).__name__}: "
+                       f"{error}", traceback=traceback.format_exc())
 
     def _batch_decoder(self, session):
         """The lane's `BatchDecoder` (built at the first batched question, on its session's model and sizes),
@@ -968,6 +972,8 @@ class Engine:
     def _refresh_lone_prefix(self):
         """While the lane is idle and one session runs: keep the lone decoder's prefix (system text + memory) on
         that session's newest snapshot, so its next question prefills only its own tokens."""
+        if self._lone is None:  # no lone decoder (off, or not CUDA): nothing to keep, no sessions to scan
+            return
         with self._lock:
             running = [s for s in self._streams.values() if s.state == "running"]
         if len(running) != 1 or not hasattr(running[0].session, "prefix_ids"):
@@ -990,9 +996,7 @@ class Engine:
         try:  # first: fusing re-points weights in place, which graphs captured before would still read
             self._build_lone(session)
         except Exception as error:  # noqa: BLE001 -- lone questions go batched then
-            self.lone_fast_path, self._lone = False, None
-            self.log.write("error", role="answer lane", error=f"the lone fast path is off: {type(error).__name__}: "
-                           f"{error}", traceback=traceback.format_exc())
+            self._lone_off(error)
         decoder = self._batch_decoder(session)
         if decoder is not None and graphs:
             decoder.warm_up()
@@ -1004,13 +1008,13 @@ class Engine:
         answers on this thread. A question that fails to start fails alone."""
         job.started = time.perf_counter()
         session = stream.session
+        batched = False  # in the batch: the lane marks the session done when the answer ends, else here
         try:
             if job.cancelled.is_set():
                 raise SessionError(499, "cancelled", "the client went away")
             decoder = self._batch_decoder(session)
             if decoder is None:
                 self._run_question(job, stream)
-                self._done(stream)
                 return
             run = session.begin(job.question, job.snapshot, job.on_text, job.max_tokens, job.temperature)
 
@@ -1027,19 +1031,20 @@ class Engine:
                           and session.run_fast(run, hand_over, decoder=lone)):
                 if run.done or stop() or not movable:
                     self._complete(job, session.finish(run))
-                    self._done(stream)
                     return
             elif not movable:  # too long for a slot: answered alone, as without batching
                 self._run_question(job, stream)
-                self._done(stream)
                 return
             request = session.batch_request(run, decoder, should_stop=stop)
             decoder.add(request)
             running[request] = (stream, job, run)
+            batched = True
         except BaseException as error:  # noqa: BLE001 - handed to the asker; the other answers go on
             if not job.future.done():
                 job.future.set_exception(error)
-            self._done(stream)
+        finally:
+            if not batched:
+                self._done(stream)
 
     def _batch_step(self, running):
         try:

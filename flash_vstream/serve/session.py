@@ -228,7 +228,7 @@ class StreamSession:
         self.fast = self.fast_path.enabled
         self.compile_decode = self.fast_path.options.compile_decode
         self._vision = None  # FastVisionEncoder (the fast path's), at the first frame
-        self._stock_vision = None  # FastVisionEncoder over the tower for encode_batch without the fast path
+        self._stock_vision = None  # FastVisionEncoder over the tower for batch_encoder without the fast path
         self._decoder = None  # GreedyDecoder (the fast path's), at the first greedy answer (or warm_up)
         self._decoder_lock = threading.Lock()  # the decoder's cache is one state: one user at a time
         self._prefix_ids = None
@@ -273,16 +273,11 @@ class StreamSession:
             return self.model.encode_images([pixels])[0]  # (T, 256, D)
         return self._fast_vision()(pixels)  # (T, 256, D)
 
-    @torch.inference_mode()
-    def encode_batch(self, pixels):
-        """(B, 3, S, S) frames of several streams -> (B, 256, D) in one forward (the batched ingest)."""
-        return self.batch_encoder()(pixels)
-
     def batch_encoder(self):
-        """What `encode_batch` runs, as a callable that does not hold the session (the batched ingest keeps one per
-        model for all its sessions). The fast path: its encoder (batches through its batched path). Otherwise the
-        tower's own modules with the patch embedding frame by frame, so that each frame's features are those
-        `encode_pixels` gives it alone."""
+        """(B, 3, S, S) frames of several streams -> (B, 256, D) in one forward (the batched ingest), as a callable
+        that does not hold the session (the batched ingest keeps one per model for all its sessions). The fast
+        path: its encoder (batches through its batched path). Otherwise the tower's own modules with the patch
+        embedding frame by frame, so that each frame's features are those `encode_pixels` gives it alone."""
         if self.fast and self._tower_loaded():
             return self._fast_vision()
         if not self._tower_loaded():

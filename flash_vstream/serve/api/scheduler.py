@@ -370,11 +370,11 @@ class ServerEngine(Engine):
     def _release(self, stream, held):
         """Hand a deferred job to the answer lane: the lane's job answers, `held` (what the caller waits
         on) takes its outcome; a cancel of `held` reaches the lane's job (they share the event)."""
-        if held.cancelled.is_set() or not self.is_open(stream):
+        closed = not self.is_open(stream)
+        if closed or held.cancelled.is_set():
             if not held.future.done():
-                held.future.set_exception(SessionError(409, "session_closed", "the session was closed")
-                                          if not self.is_open(stream) else
-                                          SessionError(499, "cancelled", "the client went away"))
+                held.future.set_exception(SessionError(409, "session_closed", "the session was closed") if closed
+                                          else SessionError(499, "cancelled", "the client went away"))
             return
         try:
             job = Engine.ask(self, stream, held.question, held.max_tokens, held.temperature, held.on_text,
@@ -387,8 +387,9 @@ class ServerEngine(Engine):
         def settle(done):
             if held.future.done():
                 return
-            if done.exception() is not None:
-                held.future.set_exception(done.exception())
+            error = done.exception()
+            if error is not None:
+                held.future.set_exception(error)
             else:
                 held.future.set_result(done.result())
 

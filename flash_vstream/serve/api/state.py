@@ -196,9 +196,10 @@ class ServerState:
                                  max_new_tokens=s.max_tokens, video_fps=fps, context_len=context_len,
                                  fast={"off": False, "auto": None, "on": True}[s.fast])
 
+        warm = make_stream(1.0)  # the session the answer lane warms up on; its context length is every session's
         config, dtype_bytes = model.config, model.get_model().mm_projector_dtype().itemsize
         total = s.memory_budget_bytes if s.memory_budget_bytes is not None else default_budget_bytes(model.device)
-        context = int(context_len or getattr(config, "tokenizer_model_max_length", None) or 2048)
+        context = warm.context_len
         # --fast on (auto on CUDA): every session builds a decoder of its own, whose cache is one answer slot
         per_session_fast = s.fast == "on" or (s.fast == "auto" and model.device.type == "cuda")
         decoder = answer_pool_bytes(config, dtype_bytes, 1, s.max_tokens, context) if per_session_fast else 0
@@ -216,7 +217,7 @@ class ServerState:
                                    ingest_lag_target_s=s.ingest_lag_target_s,
                                    max_answer_defer_s=s.max_answer_defer_s)
         # the answer lane's lone fast path and batch, built and captured before any frame or question (engine.py)
-        self.engine.warm_up_answers(make_stream(1.0))
+        self.engine.warm_up_answers(warm)
         self.engine.start()
         self.ready.set()
 
