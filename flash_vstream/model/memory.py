@@ -525,6 +525,10 @@ class MemoryStack:
         valid = torch.arange(k + 1, device=self.device)[None] < tc[:, None]  # (B, K+1)
         w = torch.where(valid, _rows(self.tw, row_t), -INF)
         by_weight = torch.sort(w, dim=1, descending=True, stable=True).indices[:, :r_max]  # (B, R) largest first
+        if by_weight.shape[1] < r_max:  # N_tem + 1 < N_ret: the slots past the clusters are never used
+            by_weight = torch.cat([by_weight, by_weight.new_zeros(len(rows), r_max - by_weight.shape[1])], dim=1)
+        if self.upstream:  # the unused slots' ids must stay inside the head's N_tem rows too (reads gather them all)
+            by_weight = by_weight.clamp_max(k - 1)
         for m in memories:
             m._retrieved_count = (min(r_max, m._temporal_count) if self.upstream else
                                   max(0, min(r_max, m._temporal_count, m._buffer_count - m._spatial_count)))

@@ -164,6 +164,19 @@ def test_bad_batches_are_refused():
         STARMemory(config).join(stack)  # its own attention module
 
 
+@pytest.mark.parametrize("mode", ["paper", "upstream"])
+@pytest.mark.parametrize("temporal", [1, 2])
+def test_fewer_clusters_than_retrieved_slots(mode, temporal):
+    """N_tem + 1 <= N_ret: fewer clusters, fewer retrieved frames, and the stack's batched read and timestamps
+    still agree with the memory's own (they gather every retrieved slot, used or not)."""
+    config = make_config(mode, **{**SMALL, "video_long_memory_length": temporal, "video_retrieved_memory_length": 3})
+    memory = STARMemory(config, attention(config))
+    for i, frame in enumerate(random_frames(8, seed=4)):
+        memory.update(frame[None], [float(i)])
+    assert len(memory.timestamps()["retrieved"]) == temporal
+    assert torch.equal(memory.stack.read([memory])[0], memory.read())
+
+
 def _sequential_nearest(x, w, centroids):
     """The re-seeding rule as its definition reads: for each empty cluster in order, the worst-fitting point
     whose cluster still has more than one point moves there."""
