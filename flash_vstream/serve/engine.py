@@ -241,8 +241,7 @@ class Stream:
 
     def oldest_unlanded(self):
         """perf_counter arrival of the oldest frame not in the memory yet, or None."""
-        arrivals = list(self.unlanded.copy().values())  # copy(): atomic while other threads add and pop
-        return min(arrivals) if arrivals else None
+        return min(self.unlanded.copy().values(), default=None)  # copy(): atomic while other threads add and pop
 
     def describe(self):
         snapshot = self.session.snapshot() if self.session is not None else None

@@ -312,6 +312,7 @@ class ServerEngine(Engine):
         """As `Engine.ask`, after the memory budget took the question, and held back while the ingest lane
         is behind (see the module's docstring). Returns the `QuestionJob` the caller waits on."""
         arrived = time.perf_counter() if arrived is None else arrived
+        behind = self.ingest_backlog_s() > self.ingest_lag_target_s  # before the lock: it scans every session
         with self._lock:
             self._check_open(stream)
             snapshot = stream.session.snapshot() if snapshot is None else snapshot
@@ -325,7 +326,7 @@ class ServerEngine(Engine):
             if self.question_bytes is not None:
                 self.budget.reserve(key, "question", self.question_bytes(snapshot.num_tokens), "a question")
             try:
-                if self._deferred or self.ingest_backlog_s() > self.ingest_lag_target_s:
+                if self._deferred or behind:
                     job = QuestionJob(question, snapshot, on_text, max_tokens, temperature, arrived=arrived)
                     self._deferred.append((stream, job))
                     self.questions_deferred += 1
