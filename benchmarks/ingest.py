@@ -90,12 +90,15 @@ def loop_tick(streams, encoder, pixels):
     streams.frames += 1
 
 
-def batched_tick(streams, encode, pixels):
-    features = encode(pixels)  # (N, 256, D)
-    streams.stack.update(streams.memories, features, [float(streams.frames)] * len(streams.memories))
+def batched_memory(streams, features):
+    """The memory part of a batched tick: every memory's update, readout and description, batched."""
+    streams.feed(features)
     streams.stack.read(streams.memories)
     streams.stack.describe(streams.memories)
-    streams.frames += 1
+
+
+def batched_tick(streams, encode, pixels):
+    batched_memory(streams, encode(pixels))  # (N, 256, D)
 
 
 def time_ticks(device, tick, ticks, warmup=1):
@@ -212,15 +215,8 @@ def measure(args, n, size, config, attention, encoder, paths, generator, deadlin
     return row
 
 
-def batched_memory(streams, features):
-    streams.stack.update(streams.memories, features, [float(streams.frames)] * len(streams.memories))
-    streams.stack.read(streams.memories)
-    streams.stack.describe(streams.memories)
-    streams.frames += 1
-
-
 def state_bytes(stack):
-    return sum(getattr(stack, name).nbytes for name in stack._shapes())
+    return stack.row_nbytes * stack.capacity  # every row the stack holds, used or not
 
 
 def tick_row(ms, n, peak):

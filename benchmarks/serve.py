@@ -269,13 +269,10 @@ class ThreadSampler:
         return out
 
 
-def gpu_memory(device, reset=False):
+def gpu_memory(device):
     import torch
 
     if device.type != "cuda":
-        return None
-    if reset:
-        torch.cuda.reset_peak_memory_stats(device)
         return None
     return {"peak_allocated_gb": round(torch.cuda.max_memory_allocated(device) / 1e9, 2),
             "reserved_gb": round(torch.cuda.memory_reserved(device) / 1e9, 2)}
@@ -444,6 +441,8 @@ def warm_up_server(bench, sessions, frames):
 
 def run_level(bench, n, interval, warmup, questions_each, pool_ctx):
     """One load level against the server; returns its row."""
+    from benchmarks.common import reset_peak
+
     args, server, engine = bench.args, bench.server, bench.server.engine
     log(f"[server] N={n}: opening sessions")
     started = time.monotonic()
@@ -473,7 +472,7 @@ def run_level(bench, n, interval, warmup, questions_each, pool_ctx):
     dropped_before = sum(s.frames_dropped for s in streams)  # a late client's catch-up burst of the warm-up
     deferred_before = engine.questions_deferred
     engine.stats["encode_memory_update"].reset()
-    gpu_memory(bench.device, reset=True)
+    reset_peak(bench.device)
     sampler = ThreadSampler().start() if args.sample_threads else None
     window = time.monotonic()
     aborted = None
@@ -539,6 +538,8 @@ def summarize(kind, n, lags, questions, dropped, ingested, sent, errors, aborted
 # --- today's design: one StreamSession per stream, one at a time ---------------------------------------------------
 def run_baseline(bench, n, interval, warmup, questions_each):
     """Frames and questions on today's schedule: one ingest thread, one answer thread, in arrival order."""
+    from benchmarks.common import reset_peak
+    from flash_vstream.runtime.cuda_utils import free_memory
     from flash_vstream.serve.session import StreamSession
 
     model, frames = bench.model, bench.arrays
@@ -589,7 +590,7 @@ def run_baseline(bench, n, interval, warmup, questions_each):
                 questions.append({"outcome": "done", "first_s": first[0] - due if first else None,
                                   "done_s": done - due, "server_ttft_s": None})
 
-    gpu_memory(bench.device, reset=True)
+    reset_peak(bench.device)
     window = time.monotonic()
     threads = [threading.Thread(target=ingest, daemon=True), threading.Thread(target=answer, daemon=True)]
     for t in threads:
@@ -601,7 +602,7 @@ def run_baseline(bench, n, interval, warmup, questions_each):
     rows = questions + [{"outcome": "unanswered"}] * (total_questions - len(questions))
     ingested = sum(s.memory.frames_seen for s in sessions)
     sessions.clear()  # their memories: the next level's budget is taken from what is free
-    free_accelerator(bench.device)
+    free_memory(bench.device)
     return summarize("baseline", n, lags, rows, 0, ingested,
                      len(frame_times), [], aborted[0] if aborted else None, bench.gpu.busy(window, window_end),
                      gpu_memory(bench.device), time.monotonic() - started, interval)
@@ -611,6 +612,7 @@ def run_baseline(bench, n, interval, warmup, questions_each):
 def run_cli_first_token(bench, frames_in=20, questions=8):
     """One StreamSession with the fast path, as the realtime CLI runs it: warm up, take `frames_in` frames,
     then answer `questions` questions one after another; their time to first token."""
+    from flash_vstream.runtime.cuda_utils import free_memory
     from flash_vstream.runtime.options import FastPathOptions
     from flash_vstream.serve.session import StreamSession
 
@@ -631,18 +633,8 @@ def run_cli_first_token(bench, frames_in=20, questions=8):
             "compile_decode": bool(bench.args.cli_compile_decode), "frames": frames_in,
             "seconds": round(time.monotonic() - started, 1)}
     del session  # its decoder's cache and graphs: the server's memory budget is taken from what is free after
-    free_accelerator(bench.device)
+    free_memory(bench.device)
     return out
-
-
-def free_accelerator(device):
-    import gc
-
-    import torch
-
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
 
 
 # --- report ---------------------------------------------------------------------------------------------------

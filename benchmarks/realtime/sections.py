@@ -505,22 +505,24 @@ SECTION_FUNCTIONS = {
 }
 
 
+def skip_reason(b, name):
+    """Why section `name` does not run in this invocation, or None."""
+    if name in b.args.skip:
+        return "--skip"
+    if name == "quantized" and not b.args.quantized:
+        return "no --quantized schemes"
+    if name == "vision_split" and b.args.vision_device is None:
+        return "no --vision-device"
+    if b.time_left() < 5:
+        return "time budget spent"
+    return None
+
+
 def run_section(b, name):
     out = b.report.section(name)
-    if name in b.args.skip:
-        out.update(status="skipped", reason="--skip")
-        b.report.save()
-        return
-    if name == "quantized" and not b.args.quantized:
-        out.update(status="skipped", reason="no --quantized schemes")
-        b.report.save()
-        return
-    if name == "vision_split" and b.args.vision_device is None:
-        out.update(status="skipped", reason="no --vision-device")
-        b.report.save()
-        return
-    if b.time_left() < 5:
-        out.update(status="skipped", reason="time budget spent")
+    reason = skip_reason(b, name)
+    if reason is not None:
+        out.update(status="skipped", reason=reason)
         b.report.save()
         return
     log(f"[{name}] ({b.time_left():.0f} s of budget left)")
