@@ -21,6 +21,7 @@ and last the thread path end to end (`--pipeline threads`, eager, the earlier pa
 
 import argparse
 import os
+import shutil
 import statistics
 import sys
 import tempfile
@@ -133,8 +134,6 @@ def bench_encoder(tower, batch_sizes, variants, iters, warmup):
 def cpu_environment(path):
     """What bounds the decoders: the cores this process may use, the container's CPU quota, the cores
     that are hyperthread siblings, the CPU model, and the free space where outputs go."""
-    import shutil
-
     def read(name):
         try:
             with open(name) as f:
@@ -153,7 +152,6 @@ def cpu_environment(path):
 def make_variant(source, path, height, seconds=20.0):
     """The first `seconds` of `source` re-encoded at `height` (width to the aspect, even), H.264 with its
     keyframe interval kept: the ffmpeg CLI when there is one, else PyAV (same settings)."""
-    import shutil
     import subprocess
 
     import av
@@ -212,11 +210,9 @@ def e2e_inputs(video, spec, folder):
 
 
 def bench_e2e_compare(video, spec, tower, fps, batch, old_workers, workdir, compile, save, scaling_files=3):
-    """(e) in one run over the same files (`spec`): how decoding scales with processes, decode-only with all
+    """(d) in one run over the same files (`spec`): how decoding scales with processes, decode-only with all
     cores, the encoder alone, the new path end to end, then the old path end to end. `save(results)` after
     each part, so a run cut short keeps what it measured."""
-    import shutil
-
     from flash_vstream.extract_features import FrameEncoder, _plan, extract_paths
     from flash_vstream.extraction.decode import DecoderPool, decode_only
     from flash_vstream.extraction.pipeline import run_pipeline
