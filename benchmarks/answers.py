@@ -196,8 +196,8 @@ def main(argv=None):
     args = p.parse_args(argv)
     preset = PRESETS[args.preset]
     ks = tuple(int(x) for x in args.ks.split(",")) if args.ks else preset["ks"]
-    eager_ks = tuple(int(x) for x in args.eager_ks.split(",")) if args.eager_ks is not None and args.eager_ks \
-        else (() if args.eager_ks == "" else preset["eager_ks"])
+    eager_ks = (preset["eager_ks"] if args.eager_ks is None else  # "": none
+                tuple(int(x) for x in args.eager_ks.split(",")) if args.eager_ks else ())
     device = torch.device(args.device)
     dtype = DTYPES[args.dtype] if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
     cuda = device.type == "cuda"
