@@ -282,5 +282,16 @@ def train(argv=None, callbacks=None):
     return trainer
 
 
+def finish_distributed():
+    """Every rank leaves together, after rank 0's save: a rank that exits while another still uses the group
+    (its store lives on node 0) can die in the communication library's teardown with a nonzero status."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 if __name__ == "__main__":
     train()
+    finish_distributed()

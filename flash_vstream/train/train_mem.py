@@ -8,7 +8,7 @@ The published entry monkey-patched LLaMA attention; transformers selects the ker
 import sys
 
 from flash_vstream.train.packing import default_attn_implementation
-from flash_vstream.train.train import train  # absolute: the DeepSpeed launcher runs this file as a script
+from flash_vstream.train.train import finish_distributed, train  # absolute: the DeepSpeed launcher runs this file as a script
 
 if __name__ == "__main__":
     argv = sys.argv[1:]
@@ -16,3 +16,4 @@ if __name__ == "__main__":
     if "--attn_implementation" not in argv and choice is not None:
         argv += ["--attn_implementation", choice]
     train(argv)
+    finish_distributed()
