@@ -396,8 +396,9 @@ def load_model(args):
     import torch
 
     from flash_vstream.model.builder import load_pretrained_model
+    from flash_vstream.runtime.devices import default_device
 
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = default_device(args.device)
     dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}.get(args.dtype)
     tokenizer, model, image_processor, _ = load_pretrained_model(
         args.model_path, args.model_base, load_8bit=args.load_8bit, load_4bit=args.load_4bit,

@@ -452,10 +452,14 @@ def _nucleus(probs, top_p):
     return torch.zeros_like(probs).scatter(-1, order, ordered)
 
 
+def kv_bytes_per_token(config, dtype_bytes):
+    """Key + value bytes one token takes in the LLM's cache, over all layers."""
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+    return 2 * config.num_hidden_layers * kv_heads * head_dim * dtype_bytes
+
+
 def kv_bytes_per_slot(config, max_len, dtype):
     """Bytes one slot of a `BatchDecoder` cache takes for a model of `config` (K and V, every layer)."""
-    kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    size = torch.empty((), dtype=dtype).element_size()
-    return 2 * config.num_hidden_layers * kv_heads * round_up(max_len) * head_dim * size
+    return round_up(max_len) * kv_bytes_per_token(config, torch.empty((), dtype=dtype).element_size())
 

@@ -30,6 +30,11 @@ import torch
 FLAG = "--vision-device"
 
 
+def default_device(requested=None):
+    """The device a command runs on: the one asked for, else CUDA when there is one, else the CPU."""
+    return requested or ("cuda" if torch.cuda.is_available() else "cpu")
+
+
 def parse_device(text, flag=FLAG):
     """'cpu', 'cuda' or 'cuda:N' -> torch.device (cuda: with its index). ValueError naming `flag` for a string that
     is not a device, a device type this project does not run on, or a CUDA device that is not there."""

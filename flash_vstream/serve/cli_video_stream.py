@@ -282,18 +282,12 @@ def build_parser():
     return p
 
 
-def _device(args):
-    import torch
-
-    return args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-
-
 def _load_session(args):
     from ..mm_utils import get_model_name_from_path
     from ..model.builder import load_pretrained_model
-    from ..runtime.devices import vision_placement
+    from ..runtime.devices import default_device, vision_placement
 
-    device, vision_device = vision_placement(_device(args), args.vision_device)
+    device, vision_device = vision_placement(default_device(args.device), args.vision_device)
     where = device if vision_device is None else f"{device}, vision on {vision_device}"
     print(f"loading {args.model_path} on {where} ...", file=sys.stderr, flush=True)
     tokenizer, model, image_processor, context_len = load_pretrained_model(
@@ -329,9 +323,10 @@ def main(argv=None, stdin=None, stdout=None):
         if args.frame_queue_size < 1:
             raise ValueError("--frame-queue-size must be >= 1")
         if args.vision_device is not None:
-            from ..runtime.devices import vision_placement
+            from ..runtime.devices import default_device, vision_placement
 
-            vision_placement(_device(args), args.vision_device)  # a bad device: a clear error before anything loads
+            # a bad device: a clear error before anything loads
+            vision_placement(default_device(args.device), args.vision_device)
         questions = load_questions(args.questions) if args.questions else None
         source = open_source(video_file=args.video_file, video_source=args.video_source, video_fps=args.video_fps,
                              start=args.start, end=args.end, max_frames=args.max_frames, backend=args.video_backend,

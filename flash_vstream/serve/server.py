@@ -91,12 +91,10 @@ def settings_from_args(args):
     if args.media_root is not None and not os.path.isdir(args.media_root):
         raise ValueError(f"--media-root {args.media_root}: not a folder")
     if args.vision_device is not None:
-        import torch
-
-        from ..runtime.devices import vision_placement
+        from ..runtime.devices import default_device, vision_placement
 
         # a bad device: a clear error before anything loads
-        vision_placement(args.device or ("cuda" if torch.cuda.is_available() else "cpu"), args.vision_device)
+        vision_placement(default_device(args.device), args.vision_device)
     return Settings(model_path=args.model_path, model_base=args.model_base, model_id=args.model_name,
                     device=args.device, vision_device=args.vision_device, load_8bit=args.load_8bit,
                     load_4bit=args.load_4bit, api_key=args.api_key, media_root=args.media_root,

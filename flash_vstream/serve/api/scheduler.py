@@ -34,6 +34,8 @@ import secrets
 import threading
 import time
 
+from ...runtime.batch_decoder import kv_bytes_per_token
+from ...runtime.decoder import round_up
 from ..engine import POLL_S, Engine, QuestionJob, SessionError
 from ..session import PROMPT_ROOM
 from ..sources import FrameSource, open_source
@@ -81,21 +83,14 @@ def stack_rows(capacity, sessions):
     return rows, rows + rows // 2 if rows > capacity else rows
 
 
-def kv_bytes_per_token(config, dtype_bytes):
-    """Key + value bytes one token takes in the LLM's cache, over all layers."""
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
-    return 2 * config.num_hidden_layers * kv_heads * head_dim * dtype_bytes
-
-
 def answer_pool_bytes(config, dtype_bytes, max_batch, max_new_tokens, context_len):
     """The answer lane's KV cache: `max_batch` slots (runtime/batch_decoder.py), each of the positions one
     answer takes at most (a long stream's memory, PROMPT_ROOM of prompt text, `max_new_tokens`), rounded up
-    to a multiple of 256 as the decoders align their caches."""
+    to a multiple of 256 (the decoders align their caches to a divisor of it, CACHE_ALIGN)."""
     from ...model.memory import memory_num_tokens
 
     positions = min(context_len, memory_num_tokens(10**6, config) + PROMPT_ROOM + max_new_tokens)
-    return max_batch * -(-positions // 256) * 256 * kv_bytes_per_token(config, dtype_bytes)
+    return max_batch * round_up(positions, 256) * kv_bytes_per_token(config, dtype_bytes)
 
 
 def question_bytes(config, dtype_bytes, memory_tokens):

@@ -168,13 +168,10 @@ class ServerState:
         try:
             from ...model.builder import load_pretrained_model
 
-            import torch
+            from ...runtime.devices import default_device, vision_placement
 
             s = self.settings
-            from ...runtime.devices import vision_placement
-
-            device = s.device or ("cuda" if torch.cuda.is_available() else "cpu")
-            device, vision_device = vision_placement(device, s.vision_device)  # the CLIP tower's card, if apart
+            device, vision_device = vision_placement(default_device(s.device), s.vision_device)  # CLIP's card, if apart
             self.tokenizer, self.model, self.image_processor, self.context_len = load_pretrained_model(
                 s.model_path, s.model_base, device=device, vision_device=vision_device, load_8bit=s.load_8bit,
                 load_4bit=s.load_4bit)
