@@ -8,9 +8,11 @@ kept warm between runs. Its shared slots bound the frames in flight and, on CUDA
 thread copies each message's uint8 frames straight from the slot to the device (non-blocking), hands the
 slot back once the copy is done, preprocesses there (`preprocess.DevicePreprocessor`), gathers full encoder
 batches across files (short clips still make full batches; on CUDA the last batch is padded so a compiled
-encoder sees one shape) and launches the encoder; the features come back into pinned memory without a
-wait here. A writer thread waits for each batch's copy, splits it per file and saves a file once its last
-frames are in. Nothing here blocks on the GPU, so decoding, copies, encoding and writing overlap.
+encoder sees one shape) and launches the encoder. Each file's features stay on the device until its last
+frames are encoded, then come back in one copy into pinned memory, without a wait here; a saver thread waits
+for that copy and writes the file from the pinned buffer (no per-batch split or join on the host: the
+parent's CPU is taken from the decoders). Nothing here blocks on the GPU, so decoding, copies, encoding and
+writing overlap.
 
 Failures stay per file as in the thread pipeline: a decode error fails its file; an encoder error fails
 the files of that batch; a save error fails that file. Every queue wait has a timeout.
@@ -27,19 +29,26 @@ import torch
 from ..features import save_features
 from .preprocess import DevicePreprocessor
 
-WRITER_QUEUE = 8  # encoded batches in flight to the writer: bounds pinned memory, throttles the encoder
+WRITER_QUEUE = 8  # files (or long files' parts) in flight to the writer: bounds pinned memory, throttles the encoder
+# a file's features stay on the device until it ends, then come to the host in one copy (no per-batch host
+# copies, nothing joined on the host for a short clip); a longer file moves every FLUSH_ROWS rows (128 MiB of
+# ViT-L features): device memory stays bounded for long videos
+FLUSH_ROWS = 256
 WAIT_S = 1.0
 SAVE_THREADS = 4  # files saved at once
 
 
 class _Writer(threading.Thread):
-    """Collects encoded rows per file; when told a file's last rows are in, saves it on one of
-    SAVE_THREADS saver threads (each save is serialised, written and fsynced: one thread would cap the
-    rate at the disk's fsync latency).
+    """Saves each file once its last rows are in, on one of SAVE_THREADS saver threads (each save is
+    serialised, written and fsynced: one thread would cap the rate at the disk's fsync latency).
 
-    Messages, in order: ("rows", event, features (n, 256, D) on the host, [(job, first row, count, times)]),
-    ("close", job), ("failed", job, error), ("stop",). `report["failed"]`, `done` and `failed_jobs` are
-    written here and by the savers (list appends and set adds: atomic), read after `join`.
+    A file's features arrive as host tensors (pinned on CUDA) copied from the device without a wait in the
+    feeding thread; the saver waits for the copy's event. A file whose rows fit FLUSH_ROWS comes in one
+    piece and is saved from that buffer as it is (no copy on the host); a longer one in several, joined
+    when saved. Messages, in order: ("part", job, event, host (n, 256, D), times) for rows of a file not
+    ended yet, ("close", job, event, host or None, times) for its last rows, ("failed", job, error),
+    ("stop",). `report["failed"]`, `done` and `failed_jobs` are written here and by the savers (list
+    appends and set adds: atomic), read after `join`.
     """
 
     def __init__(self, metadata, fps, report, bar):
@@ -49,7 +58,7 @@ class _Writer(threading.Thread):
         self.done, self.error = [], None
         self.rows, self.frames = 0, 0  # rows received (the progress bar), frames of the files saved
         self.started = time.time()
-        self._partial = {}  # job index -> ([feature chunks], [timestamps])
+        self._partial = {}  # job index -> [(event, host rows)], [timestamps]: a long file's earlier parts
         self.failed_jobs = set()
         self.save_s = 0.0  # seconds spent saving, summed over the savers
         self._savers = concurrent.futures.ThreadPoolExecutor(SAVE_THREADS, thread_name_prefix="extract-save")
@@ -81,29 +90,38 @@ class _Writer(threading.Thread):
         finally:
             self._savers.shutdown(wait=True)  # every save submitted has ended
 
-    def _on_rows(self, event, features, pieces):
-        if event is not None:
-            event.synchronize()  # the device-to-host copy of this batch is done
-        for job, first, count, times in pieces:
-            if job.index in self.failed_jobs:
-                continue
-            chunks, all_times = self._partial.setdefault(job.index, ([], []))
-            chunks.append(features[first:first + count].clone())  # off the pinned batch
-            all_times.extend(times)
-            self.rows += count
-        self.bar.set_postfix(frames=self.rows, fps=f"{self.rows / (time.time() - self.started):.1f}")
+    def _on_part(self, job, event, host, times):
+        if job.index in self.failed_jobs:
+            return
+        parts, all_times = self._partial.setdefault(job.index, ([], []))
+        parts.append((event, host))
+        all_times.extend(times)
+        self._count(len(times))
 
-    def _on_close(self, job):
-        chunks, times = self._partial.pop(job.index, ([], []))
+    def _on_close(self, job, event, host, times):
+        parts, all_times = self._partial.pop(job.index, ([], []))
+        if host is not None:
+            parts.append((event, host))
+            all_times.extend(times)
+            self._count(len(times))
         self.bar.update(1)
         while not self._in_flight.acquire(timeout=WAIT_S):
             pass  # savers busy: waiting here throttles the encoder through the inbox
-        self._savers.submit(self._save, job, chunks, times)
+        self._savers.submit(self._save, job, parts, all_times)
 
-    def _save(self, job, chunks, times):
+    def _count(self, rows):
+        self.rows += rows
+        self.bar.set_postfix(frames=self.rows, fps=f"{self.rows / (time.time() - self.started):.1f}")
+
+    def _save(self, job, parts, times):
         started = time.perf_counter()
         try:
-            feature = torch.cat(chunks)  # (T, 256, D)
+            for event, _ in parts:
+                if event is not None:
+                    event.synchronize()  # the device-to-host copy is done (a blocking event: this thread sleeps)
+            if not parts:
+                raise RuntimeError("no frames reached the writer")
+            feature = parts[0][1] if len(parts) == 1 else torch.cat([host for _, host in parts])  # (T, 256, D)
             if job.kind == "image":
                 feature = feature[0]  # (256, D)
             save_features(job.output, feature, dict(
@@ -193,6 +211,7 @@ def run_pipeline(jobs, encoder, metadata, fps, batch_size, report, progress, poo
     by_index = {job.index: job for job in jobs}
     pending = collections.deque()  # [job, pixels (b, 3, S, S) on the device, times], not yet encoded
     pending_rows = {}  # job index -> rows in `pending` (files with rows only)
+    on_device = {}  # job index -> ([encoded rows (n, 256, D) on the device], [times]) not yet sent to the writer
     releases = collections.deque()  # (CUDA event after a slot's copy, slot): handed back once the copy is done
     closing, failed = [], set()
     slot_wait0 = sum(r["slot_wait_s"] for r in pool.worker_stats)
@@ -208,16 +227,33 @@ def run_pipeline(jobs, encoder, metadata, fps, batch_size, report, progress, poo
         for entry in [e for e in pending if e[0].index == job.index]:
             pending.remove(entry)
         pending_rows.pop(job.index, None)
+        on_device.pop(job.index, None)
         closing[:] = [j for j in closing if j.index != job.index]
         writer.put(("failed", job, error))
+
+    def to_host(job):
+        """(event, host rows, times) of `job`'s rows on the device, copied without a wait here; (None, None,
+        []) when none are left."""
+        chunks, times = on_device.pop(job.index, ([], []))
+        if not chunks:
+            return None, None, []
+        rows = chunks[0] if len(chunks) == 1 else torch.cat(chunks)  # (n, 256, D) on the device
+        if not on_cuda:
+            return None, rows, times
+        host = torch.empty(rows.shape, dtype=rows.dtype, pin_memory=True)
+        host.copy_(rows, non_blocking=True)
+        event = torch.cuda.Event(blocking=True)  # the saver's wait sleeps: a spin would take a decoder's core
+        event.record()
+        return event, host, times
 
     def send_closings():
         for job in [j for j in closing if j.index not in pending_rows]:
             closing.remove(job)
-            writer.put(("close", job))
+            writer.put(("close", job, *to_host(job)))
 
     def encode(n):
-        """Encode the first `n` pending rows as one batch and hand the result to the writer."""
+        """Encode the first `n` pending rows as one batch; each file's rows stay on the device (its own copy,
+        not a view holding the batch) until the file ends or reaches FLUSH_ROWS."""
         pieces, parts, taken = [], [], 0
         while taken < n:
             job, pixels, times = pending[0]
@@ -238,21 +274,18 @@ def run_pipeline(jobs, encoder, metadata, fps, batch_size, report, progress, poo
             x = torch.cat(parts)  # (n, 3, S, S)
             if on_cuda and n < batch_size:  # one shape for a compiled encoder
                 x = torch.cat([x, x.new_zeros((batch_size - n,) + tuple(x.shape[1:]))])
-            features = encoder.features(x)[:n]  # (n, 256, D) on the device, output dtype
-            if on_cuda:
-                host = torch.empty(features.shape, dtype=features.dtype, pin_memory=True)
-                host.copy_(features, non_blocking=True)
-                event = torch.cuda.Event(blocking=True)  # the writer's wait sleeps: a spin would take a decoder's core
-                event.record()
-            else:
-                host, event = features, None
+            features = encoder.features(x)  # (batch, 256, D) on the device, output dtype
+            for job, first, count, times in pieces:
+                chunks, all_times = on_device.setdefault(job.index, ([], []))
+                chunks.append(features[first:first + count].clone())
+                all_times.extend(times)
+                if len(all_times) >= FLUSH_ROWS:
+                    writer.put(("part", job, *to_host(job)))
         except Exception as e:
             for job in {p[0].index: p[0] for p in pieces}.values():
                 fail(job, f"encoding: {type(e).__name__}: {e}")
-            return
         finally:
             clock.stop(start)
-        writer.put(("rows", event, host, [p for p in pieces if p[0].index not in failed]))
 
     def to_pixels(job, message):
         """The message's frames, preprocessed on the device; its slot handed back (now, or when copied)."""
