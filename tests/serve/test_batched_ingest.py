@@ -137,3 +137,25 @@ def test_under_the_stop_policy_a_bad_frame_stops_the_engine_naming_its_session(l
     with pytest.raises(Exception, match="session 'bad', frame at 0 s"):
         engine.step(timeout=0)
     assert good.frames_ingested == 1  # the tick's other frame went in before the engine stopped
+
+
+def test_device_preprocessing_of_a_tick_stays_within_the_processors_tolerance(loaded):
+    """`device_preprocess` (CUDA's default; forced here on the CPU): a tick's frames of each size preprocessed
+    together in torch, within the bounds tests/test_extract_pipeline.py holds DevicePreprocessor to against
+    the processor's PIL path; a frame the device path cannot take goes through the host path and its error."""
+    from flash_vstream.mm_utils import process_images
+    from flash_vstream.serve.batching import IngestBatcher
+
+    sessions = [_session(loaded, seed=i) for i in range(5)]
+    frames = [f for i, size in enumerate([(24, 32), (24, 32), (40, 40), (16, 48)]) for f, _ in _frames(1, 1.0, i, size)]
+    frames.append(np.zeros((24, 32, 2), np.uint8))  # two channels: the host path's error
+    items = [(f"s{i}", s, f, 0.0) for i, (s, f) in enumerate(zip(sessions, frames))]
+    batcher = IngestBatcher(device_preprocess=True)
+    pixels = batcher._preprocess(items, range(len(items)))
+    for i, frame in enumerate(frames[:4]):
+        expected = process_images([frame], loaded[2], loaded[1].config.image_aspect_ratio)
+        diff = (pixels[i] - expected).abs()
+        assert pixels[i].shape == expected.shape and diff.mean() <= 0.005 and diff.max() <= 0.35, i
+    assert isinstance(pixels[4], ValueError) and "session 's4'" in str(pixels[4]) and "(24, 32, 2)" in str(pixels[4])
+    results = batcher.ingest(items[:4])  # and the tick goes through: one snapshot each
+    assert [r.frames_seen for r in results] == [1, 1, 1, 1]
