@@ -15,8 +15,10 @@ iterations so it runs anywhere in seconds.
 re-encodings of it at other heights, with its keyframe interval): decode rate of one process per height,
 decoding's weak scaling over 1..N processes (the CPU time per frame and the workers' wall/CPU ratio say
 whether the cores are shared), decode-only sampled frames/s with all cores (the CPU limit), the encoder's
-frames/s (compiled on CUDA), the process path end to end with its GPU busy fraction and where it waited,
-and last the thread path end to end (`--pipeline threads`, eager, the earlier path).
+frames/s (compiled on CUDA), saving alone on the same disk, the process path end to end with its GPU busy
+fraction, where it waited and the CPU its feeding process took (again with one decoder fewer), and last the
+thread path end to end (`--pipeline threads`, eager, the earlier path) on a subset of the files with the
+set's mix of heights, sized to take about `--e2e-old-seconds`.
 """
 
 import argparse
@@ -209,10 +211,44 @@ def e2e_inputs(video, spec, folder):
     return paths, variants
 
 
-def bench_e2e_compare(video, spec, tower, fps, batch, old_workers, workdir, compile, save, scaling_files=3):
+def proportional(paths, fraction):
+    """The first round(n * fraction) files of each height (at least one): a subset of `e2e_inputs`' files with
+    the set's mix of resolutions, for a path too slow to run over all of them."""
+    by_height = {}
+    for name in paths:
+        by_height.setdefault(name.split("_", 1)[0], []).append(name)
+    return [name for names in by_height.values() for name in names[:max(1, round(len(names) * fraction))]]
+
+
+def bench_save(folder, shape, dtype, files):
+    """Saving alone: `files` feature files of `shape` (T, 256, D) written as the pipeline's savers do
+    (save_features: serialised, written, fsynced, renamed; SAVE_THREADS at once) into `folder`, on the disk
+    the runs write to. Returns {"files", "frames", "seconds", "frames_per_s", "mb_per_s"}."""
+    import concurrent.futures
+
+    from flash_vstream.extraction.pipeline import SAVE_THREADS
+    from flash_vstream.features import save_features
+
+    feature = torch.randn(shape).to(dtype)
+    os.makedirs(folder, exist_ok=True)
+    meta = {"timestamps": [float(t) for t in range(shape[0])], "fps": 1.0}
+    t0 = time.perf_counter()
+    with concurrent.futures.ThreadPoolExecutor(SAVE_THREADS) as savers:
+        list(savers.map(lambda i: save_features(os.path.join(folder, f"{i}.safetensors"), feature, meta), range(files)))
+    dt = time.perf_counter() - t0
+    shutil.rmtree(folder, ignore_errors=True)
+    frames = files * shape[0]
+    return {"files": files, "frames": frames, "seconds": round(dt, 3), "frames_per_s": round(frames / dt, 1),
+            "mb_per_s": round(frames * feature[0].nbytes / dt / 1e6, 1), "threads": SAVE_THREADS}
+
+
+def bench_e2e_compare(video, spec, tower, fps, batch, old_workers, workdir, compile, save, scaling_files=3,
+                      old_seconds=25.0):
     """(d) in one run over the same files (`spec`): how decoding scales with processes, decode-only with all
-    cores, the encoder alone, the new path end to end, then the old path end to end. `save(results)` after
-    each part, so a run cut short keeps what it measured."""
+    cores, the encoder alone, saving alone, the new path end to end (with all cores decoding, and with one
+    core left to the feeding process), then the old path end to end on a subset of the same files with the
+    same mix of resolutions, sized from a short first run to take about `old_seconds` (its frames/s is what
+    is compared). `save(results)` after each part, so a run cut short keeps what it measured."""
     from flash_vstream.extract_features import FrameEncoder, _plan, extract_paths
     from flash_vstream.extraction.decode import DecoderPool, decode_only
     from flash_vstream.extraction.pipeline import run_pipeline
@@ -234,9 +270,11 @@ def bench_e2e_compare(video, spec, tower, fps, batch, old_workers, workdir, comp
         names = [p for p in paths if p.startswith(f"{height}p_")]
         return (names * (n // max(1, len(names)) + 1))[:n]
 
-    # the pool the new path uses, forked before the encoder compiles (no compile threads in the children)
+    # the pools the new path uses (all cores, one core left to this process), forked before the encoder
+    # compiles (no compile threads in the children)
     pool = DecoderPool(cores, fps=fps, threads=1)
     out["pool_start_s"] = round(pool.start_s, 3)
+    pool_less = DecoderPool(cores - 1, fps=fps, threads=1) if cores > 2 else None
     try:
         # one process per resolution (one FFmpeg thread; and FFmpeg's own threads at the first height)
         out["per_process"] = []
@@ -291,39 +329,73 @@ def bench_e2e_compare(video, spec, tower, fps, batch, old_workers, workdir, comp
         log(f"encoder (compile={compile}): {out['encoder']['frames_per_s']} frames/s")
         save(out)
 
+        frames_per_file = max(1, round(out["decode_only"]["frames"] / max(1, len(paths))))
+        out["save_only"] = bench_save(os.path.join(workdir, "save_only"),
+                                      (frames_per_file, tower.num_patches, tower.hidden_size), tower.dtype,
+                                      files=max(4, min(64, len(paths))))
+        log(f"save only ({out['save_only']['threads']} threads, {frames_per_file}-frame files): "
+            f"{out['save_only']['frames_per_s']} frames/s, {out['save_only']['mb_per_s']} MB/s")
+        save(out)
+
         metadata = {"extractor_version": "benchmark", "vision_tower": "random", "select_layer": tower.select_layer,
                     "image_aspect_ratio": "pad", "dtype": dtype, "backend": "pyav"}
+
+        def new_path(p, name):
+            report = {"done": [], "skipped": [], "failed": []}
+            jobs = plan(paths, name)
+            t0 = time.perf_counter()
+            done, frames, stats = run_pipeline(jobs, encoder, metadata, fps, batch, report, False, p)
+            dt = time.perf_counter() - t0
+            shutil.rmtree(os.path.join(workdir, name), ignore_errors=True)
+            return {"pipeline": "processes", "workers": stats["decode_workers"], "frames": frames,
+                    "seconds": round(dt, 3), "frames_per_s": round(frames / dt, 1),
+                    "frames_per_s_with_pool_start": round(frames / (dt + p.start_s), 1),
+                    "failed": len(report["failed"]), "compile": compile,
+                    "parent_cpu_ms_per_frame": round(1e3 * stats["parent_cpu_s"] / max(1, frames), 3),
+                    "parent_cores": round(stats["parent_cpu_s"] / dt, 2), **stats}
+
         # a short run first: the pipeline's first batches and the copy paths warm
         run_pipeline(plan(paths[::max(1, len(paths) // 16)], "new_warmup"), encoder, metadata, fps, batch,
                      {"done": [], "skipped": [], "failed": []}, False, pool)
         shutil.rmtree(os.path.join(workdir, "new_warmup"), ignore_errors=True)
-        report = {"done": [], "skipped": [], "failed": []}
-        jobs = plan(paths, "new")
-        t0 = time.perf_counter()
-        done, frames, stats = run_pipeline(jobs, encoder, metadata, fps, batch, report, False, pool)
-        dt = time.perf_counter() - t0
-        shutil.rmtree(os.path.join(workdir, "new"), ignore_errors=True)
-        out["new"] = {"pipeline": "processes", "workers": stats["decode_workers"], "frames": frames,
-                      "seconds": round(dt, 3), "frames_per_s": round(frames / dt, 1),
-                      "frames_per_s_with_pool_start": round(frames / (dt + pool.start_s), 1),
-                      "failed": len(report["failed"]), "compile": compile, **stats}
         limit = min(out["decode_only"]["frames_per_s"], out["encoder"]["frames_per_s"])
+        out["new"] = new_path(pool, "new")
         out["new_over_limit"] = round(out["new"]["frames_per_s"] / limit, 3)
-        log(f"new path (processes): {out['new']['frames_per_s']} frames/s, GPU busy {stats['gpu_busy_fraction']}, "
-            f"{out['new_over_limit']:.0%} of min(decode, encoder); {stats}")
+        log(f"new path (processes, {cores} decoders): {out['new']['frames_per_s']} frames/s, "
+            f"{out['new_over_limit']:.0%} of min(decode, encoder); the feeding process used "
+            f"{out['new']['parent_cores']} cores ({out['new']['parent_cpu_ms_per_frame']} ms CPU per frame); {out['new']}")
         save(out)
+        if pool_less is not None:
+            out["new_one_core_left"] = new_path(pool_less, "new_less")
+            out["new_one_core_left_over_limit"] = round(out["new_one_core_left"]["frames_per_s"] / limit, 3)
+            log(f"new path ({cores - 1} decoders): {out['new_one_core_left']['frames_per_s']} frames/s, "
+                f"{out['new_one_core_left_over_limit']:.0%} of min(decode, encoder)")
+            save(out)
     finally:
         pool.close()
+        if pool_less is not None:
+            pool_less.close()
 
-    t0 = time.perf_counter()
-    report = extract_paths(paths, src, os.path.join(workdir, "old"), tower, fps=fps, batch_size=batch,
-                           num_workers=old_workers, overwrite=True, progress=False, dtype=dtype, pipeline="threads")
-    dt = time.perf_counter() - t0
-    shutil.rmtree(os.path.join(workdir, "old"), ignore_errors=True)
-    out["old"] = {"pipeline": "threads", "workers": old_workers, "frames": report["frames"], "seconds": round(dt, 3),
-                  "frames_per_s": round(report["frames"] / dt, 1), "failed": len(report["failed"])}
+    def old_path(names, name):
+        t0 = time.perf_counter()
+        report = extract_paths(names, src, os.path.join(workdir, name), tower, fps=fps, batch_size=batch,
+                               num_workers=old_workers, overwrite=True, progress=False, dtype=dtype,
+                               pipeline="threads")
+        dt = time.perf_counter() - t0
+        shutil.rmtree(os.path.join(workdir, name), ignore_errors=True)
+        return {"pipeline": "threads", "workers": old_workers, "files": len(names), "frames": report["frames"],
+                "seconds": round(dt, 3), "frames_per_s": round(report["frames"] / dt, 1),
+                "failed": len(report["failed"])}
+
+    # the old path is ~10x slower: a short run on 1/16 of the files (each height at least once) gives its
+    # rate, then one run on the subset it decodes in about `old_seconds`, with the set's mix of heights
+    first_run = old_path(proportional(paths, 1 / 16), "old_first")
+    fraction = min(1.0, old_seconds * first_run["frames_per_s"] / max(1, out["decode_only"]["frames"]))
+    out["old"] = dict(old_path(proportional(paths, fraction), "old"), fraction_of_files=round(fraction, 3),
+                      first_run=first_run)
     out["new_over_old"] = round(out["new"]["frames_per_s"] / out["old"]["frames_per_s"], 2)
-    log(f"old path (threads): {out['old']['frames_per_s']} frames/s; the new path is {out['new_over_old']}x")
+    log(f"old path (threads, {out['old']['files']} of {len(paths)} files): {out['old']['frames_per_s']} frames/s; "
+        f"the new path is {out['new_over_old']}x")
     save(out)
     return out
 
@@ -347,6 +419,9 @@ def main(argv=None):
                         "are re-encoded from it")
     p.add_argument("--e2e-fps", type=float, default=1.0)
     p.add_argument("--e2e-workers", type=int, default=8, help="decoder threads of the old path")
+    p.add_argument("--e2e-old-seconds", type=float, default=25.0,
+                   help="(d): the old path runs on a subset of the files (the set's mix of heights) sized to take "
+                        "about this long")
     p.add_argument("--only-e2e", action="store_true", help="skip (a)-(c)")
     p.add_argument("--no-compile", action="store_true", help="(d): the new path's encoder eager")
     args = p.parse_args(argv)
@@ -390,7 +465,7 @@ def main(argv=None):
 
             bench_e2e_compare(args.video, args.e2e_set, tower, args.e2e_fps, 8 if args.tiny else 64,
                               args.e2e_workers, workdir, device.type == "cuda" and not args.no_compile, save,
-                              scaling_files=1 if args.tiny else 3)
+                              scaling_files=1 if args.tiny else 3, old_seconds=args.e2e_old_seconds)
 
     os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
     write_json(args.output, results, indent=1)

@@ -254,24 +254,6 @@ def test_bench_extract_tiny_smoke(example_mp4, tmp_path):
     assert result["latency_1_frame"]["ms"] > 0 and result["preprocess"]["frames_per_s"] > 0
 
 
-
-def test_bench_extract_e2e_tiny_smoke(tmp_path):
-    """`--e2e` on CPU over the repository's clip and a 144p variant it encodes: the decode limit, the encoder, the
-    new and the old path over the same files, and the ratios computed from them."""
-    from benchmarks import extract as bench
-    out = tmp_path / "e2e.json"
-    assert bench.main(["--tiny", "--device", "cpu", "--e2e", "--only-e2e", "--e2e-set", "360:2,144:1",
-                       "--e2e-workers", "2", "--output", str(out)]) == 0
-    e = json.loads(out.read_text())["e2e_compare"]
-    assert e["files"] == 3 and e["variants"]["144"]["height"] == 144 and e["variants"]["360"]["copies"] == 2
-    assert [r["workers"] for r in e["scaling"]] == [1, 2]
-    frames = e["decode_only"]["frames"]  # every path samples the same frames of the same files
-    assert frames > 0 and e["new"]["frames"] == e["old"]["frames"] == frames
-    assert e["new"]["failed"] == e["old"]["failed"] == 0
-    limit = min(e["decode_only"]["frames_per_s"], e["encoder"]["frames_per_s"])
-    assert abs(e["new_over_limit"] - e["new"]["frames_per_s"] / limit) < 0.01
-    assert abs(e["new_over_old"] - e["new"]["frames_per_s"] / e["old"]["frames_per_s"]) < 0.01
-
 def test_extract_features_sh_on_cpu(media, tmp_path, tiny_clip_dir):
     """The paper-setting script over a README-shaped data folder (tiny tower, CPU)."""
     data = tmp_path / "data"

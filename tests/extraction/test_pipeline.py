@@ -41,3 +41,30 @@ def test_an_encoder_error_fails_the_files_of_that_batch_only(tmp_path, make_vide
     for name in done:
         feature = load_features(str(out / name.replace(".mp4", ".safetensors")), kind="video")
         assert feature.shape[0] == 3 and torch.isfinite(feature.float()).all()
+
+
+def test_a_file_longer_than_the_flush_comes_back_in_parts_with_the_same_features(tmp_path, make_video, tiny_clip_dir,
+                                                                                  monkeypatch):
+    """A long video's rows leave the device every FLUSH_ROWS rows and are joined when saved: the file equals
+    the one saved from a single piece (same batches, same rows, same timestamps)."""
+    from flash_vstream.extraction import pipeline
+    from flash_vstream.features import load_features_with_meta
+
+    videos = tmp_path / "videos"
+    os.makedirs(videos)
+    make_video(videos / "long.mp4", n=120, rate=10)  # 12 samples
+    make_video(videos / "short.mp4", n=25, rate=10)  # 3 samples
+
+    def extract(out):
+        return main(["--input", str(videos), "--output", str(out), "--vision-tower", tiny_clip_dir, "--device",
+                     "cpu", "--no-progress", "--batch-size", "4", "--pipeline", "processes", "--num-workers", "2"])
+
+    assert extract(tmp_path / "whole") == 0
+    monkeypatch.setattr(pipeline, "FLUSH_ROWS", 2)  # every batch's rows of a file leave as one part
+    assert extract(tmp_path / "parts") == 0
+    for name, samples in (("long", 12), ("short", 3)):
+        whole, meta = load_features_with_meta(str(tmp_path / "whole" / f"{name}.safetensors"), kind="video")
+        parts, meta_parts = load_features_with_meta(str(tmp_path / "parts" / f"{name}.safetensors"), kind="video")
+        assert parts.shape[0] == samples and meta_parts["timestamps"] == meta["timestamps"] == [float(t) for t in
+                                                                                            range(samples)]
+        assert torch.equal(parts, whole), name
