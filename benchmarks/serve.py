@@ -19,7 +19,8 @@ Per level N (1, 16, 64, 256, 512, 1024): ingest lag p50/p99 (a frame received by
 session's memory; the server's per-session samples of the measured window, pooled), question -> first
 token p50/p99 and answer time (measured by the client: `response.create` sent -> first delta / done),
 frames dropped, questions refused or failed, GPU memory (peak allocated by torch), GPU busy fraction
-(nvidia-smi's utilization.gpu sampled every 200 ms: the share of time a kernel ran). A level holds when
+(nvidia-smi's utilization.gpu sampled every 200 ms: the share of time a kernel ran), and the server process's
+CPU per thread kind over the window (psutil: ms per ingested frame and per answer token, cores used). A level holds when
 lag p99 <= 1 s, first token p99 <= 150 ms, nothing was dropped and every question was answered; it stops
 early once it clearly falls behind (a frame waited > `--abort-lag` s, or a question > `--abort-wait` s),
 and larger levels are skipped once one did not hold. N = 1 asks every `--single-interval` s (2) instead,
@@ -269,6 +270,36 @@ class ThreadSampler:
         return out
 
 
+def thread_cpu_s():
+    """{thread kind: CPU seconds (user + system) its threads used so far} of this process (psutil's per-thread
+    times, by native id; a kind is a thread's name without its session or trailing number), or None."""
+    try:
+        import psutil
+    except ImportError:
+        return None
+    names = {t.native_id: t.name for t in threading.enumerate()}
+    out = {}
+    for thread in psutil.Process().threads():
+        name = names.get(thread.id, "native (torch, CUDA, ...)")
+        kind = name.split(" (")[0].rstrip("0123456789").rstrip("_- ") or name
+        out[kind] = out.get(kind, 0.0) + thread.user_time + thread.system_time
+    return out
+
+
+def host_cpu(before, after, frames, tokens, seconds):
+    """Per thread kind: CPU ms per ingested frame and per answer token over a window, and the share of one core."""
+    if before is None or after is None:
+        return None
+    out = {}
+    for kind in sorted(after):
+        used = after[kind] - before.get(kind, 0.0)
+        if used > 0:
+            out[kind] = {"cpu_s": round(used, 3), "cores": round(used / seconds, 3),
+                         "ms_per_frame": round(1e3 * used / frames, 3) if frames else None,
+                         "ms_per_token": round(1e3 * used / tokens, 3) if tokens else None}
+    return out
+
+
 def gpu_memory(device):
     import torch
 
@@ -474,6 +505,7 @@ def run_level(bench, n, interval, warmup, questions_each, pool_ctx):
     engine.stats["encode_memory_update"].reset()
     reset_peak(bench.device)
     sampler = ThreadSampler().start() if args.sample_threads else None
+    ingested_before, cpu_before = sum(s.frames_ingested for s in streams), thread_cpu_s()
     window = time.monotonic()
     aborted = None
     deadline = end + args.tail + 30  # clients that are still not done by then are stopped
@@ -491,6 +523,7 @@ def run_level(bench, n, interval, warmup, questions_each, pool_ctx):
         log(f"[server] N={n}: stopping early: {aborted}")
         stop.set()
     window_end = time.monotonic()
+    cpu_after, ingested_window = thread_cpu_s(), sum(s.frames_ingested for s in streams) - ingested_before
     threads = sampler.stop() if sampler is not None else None
     outs = []
     for _ in procs:
@@ -515,6 +548,8 @@ def run_level(bench, n, interval, warmup, questions_each, pool_ctx):
     row["questions_deferred"] = engine.questions_deferred - deferred_before  # held back while ingest was behind
     row["ingest_s"] = engine.stats["encode_memory_update"].summary()  # the engine's encode + update, per frame
     row["threads"] = threads
+    tokens = sum(args.answer_tokens for q in questions if q["outcome"] == "done")  # random weights: full length
+    row["host_cpu"] = host_cpu(cpu_before, cpu_after, ingested_window, tokens, window_end - window)
     return row
 
 
@@ -859,6 +894,10 @@ def main(argv=None):
             log(f"[server] N={n}: lag p99 {ms(row['ingest_lag_s']['p99'])} ms, first token p99 "
                 f"{ms(row['first_token_s']['p99'])} ms, answered {row['answered']}/{row['questions']}, dropped "
                 f"{row['dropped_frames']}, holds: {row['holds']}")
+            busy = {kind: v for kind, v in (row.get("host_cpu") or {}).items() if v["cores"] >= 0.01}
+            if busy:
+                log(f"[server] N={n}: host CPU per frame (ms) / cores: " + ", ".join(
+                    f"{kind} {v['ms_per_frame']} / {v['cores']}" for kind, v in busy.items()))
             if not row["holds"] and n > 1:
                 report["notes"].append(f"N={n} did not hold: larger levels skipped")
                 break

@@ -73,3 +73,15 @@ def test_serve_benchmark_smoke(tmp_path):
     replot = subprocess.run([sys.executable, "-m", "benchmarks.serve", "--output", str(out), "--replot", "--plot",
                              str(png)], cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
     assert replot.returncode == 0 and png.stat().st_size > 10_000, replot.stderr
+
+
+def test_host_cpu_is_per_frame_per_token_and_cores_per_thread_kind():
+    from benchmarks.serve import host_cpu, thread_cpu_s
+
+    now = thread_cpu_s()
+    assert now is not None and "MainThread" in now and all(v >= 0 for v in now.values())
+    out = host_cpu({"frame handler": 1.0}, {"frame handler": 3.0, "io": 0.5, "idle": 0.0}, frames=400, tokens=1000,
+                   seconds=10.0)
+    assert out == {"frame handler": {"cpu_s": 2.0, "cores": 0.2, "ms_per_frame": 5.0, "ms_per_token": 2.0},
+                   "io": {"cpu_s": 0.5, "cores": 0.05, "ms_per_frame": 1.25, "ms_per_token": 0.5}}
+    assert host_cpu(None, now, 1, 1, 1.0) is None
