@@ -104,7 +104,8 @@ def decode_image(data, limit):
             if image.width * image.height > MAX_IMAGE_PIXELS:
                 raise SessionError(413, "image_too_large", f"the image is {image.width}x{image.height} pixels; "
                                    f"the limit is {MAX_IMAGE_PIXELS} pixels")
-            return np.asarray(image.convert("RGB"))  # (H, W, 3) uint8
+            # (H, W, 3) uint8; a JPEG is RGB already: no converted copy (a fifth of the decode's time)
+            return np.asarray(image if image.mode == "RGB" else image.convert("RGB"))
     except SessionError:
         raise
     except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as e:
