@@ -320,6 +320,9 @@ class Engine:
         self._error_lock = threading.Lock()
         self.stats = role_stats()  # shared by all sessions
         self._lock = threading.Condition()  # sessions, their state, inboxes and question queues
+        # the answer lane waits on this one (same lock): a question, a stop or the end of an ingest tick wakes it,
+        # not every frame queued or taken (each would have it scan every session's questions again)
+        self._answer_wake = threading.Condition(self._lock)
         self._streams = {}  # id -> Stream, in the order added
         self._turn = 0  # round robin: the ingest tick's first session
         self._answer_turn = 0  # round robin: where the answer lane looks first
@@ -432,6 +435,7 @@ class Engine:
                 except queue.Full:
                     pass  # the reader sees the flag within POLL_S
             self._lock.notify_all()
+            self._answer_wake.notify_all()
 
     @property
     def stopped(self):
@@ -667,6 +671,9 @@ class Engine:
                     first_error = self._frame_failed(stream, item, error) or first_error
                 finally:
                     self._done(stream)
+        if batch and self._lone is not None:  # the idle answer lane keeps the lone prefix on the newest snapshot
+            with self._lock:
+                self._answer_wake.notify_all()
         if first_error is not None:
             raise first_error
 
@@ -788,7 +795,7 @@ class Engine:
                 return job
             stream.questions.append(job)
             stream.last_active = time.monotonic()
-            self._lock.notify_all()
+            self._answer_wake.notify_all()
         return job
 
     def answer(self, question, snapshot, due_at, on_text=None, time_label=None, extra=None, session_id=None):
@@ -837,7 +844,7 @@ class Engine:
                     stream.busy += 1
                     return stream, stream.questions.popleft()
             if wait:
-                self._lock.wait(POLL_S)
+                self._answer_wake.wait(POLL_S)
         return None, None
 
     def _questions_waiting(self, skip=()):
