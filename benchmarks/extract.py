@@ -242,13 +242,62 @@ def bench_save(folder, shape, dtype, files):
             "mb_per_s": round(frames * feature[0].nbytes / dt / 1e6, 1), "threads": SAVE_THREADS}
 
 
+def bench_nvdec(sources, fps, threads=1):
+    """GPU decoding with NVDEC (PyNvVideoCodec, when installed): the 1 fps samples of `sources` decoded to
+    RGB on the GPU by `threads` decoders at once (one file each at a time), seeking to each sample's frame
+    index. A rate to set beside decode-only with all cores, not yet a pipeline backend: its sample frames are
+    the decoder's index for each time, not video_io's PTS rule, and its RGB conversion is NVDEC's. Returns
+    {"files", "frames", "seconds", "frames_per_s", "cpu_ms_per_frame", "threads"} or {"error"}."""
+    import threading
+
+    import numpy as np
+
+    try:
+        import PyNvVideoCodec as nvc
+    except Exception as e:  # not installed, or the driver's video libraries are missing
+        return {"error": f"{type(e).__name__}: {e}"}
+    todo, lock, counts, errors = list(sources), threading.Lock(), [0] * threads, []
+
+    def work(rank):
+        while True:
+            with lock:
+                if not todo:
+                    return
+                source = todo.pop()
+            try:
+                decoder = nvc.SimpleDecoder(source, gpu_id=torch.cuda.current_device(), use_device_memory=True,
+                                            output_color_type=nvc.OutputColorType.RGB)
+                meta = decoder.get_stream_metadata()
+                duration = len(decoder) / float(meta.average_fps)
+                indices = sorted({decoder.get_index_from_time_in_seconds(float(t))
+                                  for t in np.arange(0.0, duration, 1.0 / fps)})
+                frames = [torch.from_dlpack(f) for f in decoder.get_batch_frames_by_index(indices)]  # (H, W, 3)
+                counts[rank] += len(frames)
+            except Exception as e:
+                errors.append(f"{source}: {type(e).__name__}: {e}")
+
+    torch.cuda.synchronize()
+    cpu, t0 = time.process_time(), time.perf_counter()
+    workers = [threading.Thread(target=work, args=(r,)) for r in range(threads)]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join()
+    torch.cuda.synchronize()
+    dt, cpu = time.perf_counter() - t0, time.process_time() - cpu
+    frames = sum(counts)
+    return {"files": len(sources), "frames": frames, "seconds": round(dt, 3), "frames_per_s": round(frames / dt, 1),
+            "cpu_ms_per_frame": round(1e3 * cpu / max(1, frames), 2), "threads": threads, "errors": errors[:3]}
+
+
 def bench_e2e_compare(video, spec, tower, fps, batch, old_workers, workdir, compile, save, scaling_files=3,
-                      old_seconds=25.0):
+                      old_seconds=25.0, nvdec=False):
     """(d) in one run over the same files (`spec`): how decoding scales with processes, decode-only with all
     cores, the encoder alone, saving alone, the new path end to end (with all cores decoding, and with one
     core left to the feeding process), then the old path end to end on a subset of the same files with the
     same mix of resolutions, sized from a short first run to take about `old_seconds` (its frames/s is what
-    is compared). `save(results)` after each part, so a run cut short keeps what it measured."""
+    is compared); with `nvdec`, last, NVDEC's decode-only rate on a quarter of the files (`bench_nvdec`).
+    `save(results)` after each part, so a run cut short keeps what it measured."""
     from flash_vstream.extract_features import FrameEncoder, _plan, extract_paths
     from flash_vstream.extraction.decode import DecoderPool, decode_only
     from flash_vstream.extraction.pipeline import run_pipeline
@@ -397,6 +446,13 @@ def bench_e2e_compare(video, spec, tower, fps, batch, old_workers, workdir, comp
     log(f"old path (threads, {out['old']['files']} of {len(paths)} files): {out['old']['frames_per_s']} frames/s; "
         f"the new path is {out['new_over_old']}x")
     save(out)
+    if nvdec:  # last: a decoder library that crashes the process loses nothing measured before
+        sources = [os.path.join(src, name) for name in proportional(paths, 0.25)]
+        out["nvdec"] = []
+        for n in (1, 4):
+            out["nvdec"].append(bench_nvdec(sources, fps, threads=n))
+            log(f"NVDEC decode only, {n} decoders, {len(sources)} files: {out['nvdec'][-1]}")
+            save(out)
     return out
 
 
@@ -423,6 +479,8 @@ def main(argv=None):
                    help="(d): the old path runs on a subset of the files (the set's mix of heights) sized to take "
                         "about this long")
     p.add_argument("--only-e2e", action="store_true", help="skip (a)-(c)")
+    p.add_argument("--e2e-nvdec", action="store_true",
+                   help="(d), last: NVDEC decode-only rate with PyNvVideoCodec (CUDA; needs it installed)")
     p.add_argument("--no-compile", action="store_true", help="(d): the new path's encoder eager")
     args = p.parse_args(argv)
 
@@ -465,7 +523,8 @@ def main(argv=None):
 
             bench_e2e_compare(args.video, args.e2e_set, tower, args.e2e_fps, 8 if args.tiny else 64,
                               args.e2e_workers, workdir, device.type == "cuda" and not args.no_compile, save,
-                              scaling_files=1 if args.tiny else 3, old_seconds=args.e2e_old_seconds)
+                              scaling_files=1 if args.tiny else 3, old_seconds=args.e2e_old_seconds,
+                              nvdec=args.e2e_nvdec and device.type == "cuda")
 
     os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
     write_json(args.output, results, indent=1)

@@ -31,3 +31,15 @@ def test_bench_extract_e2e_tiny_smoke(tmp_path):
     limit = min(e["decode_only"]["frames_per_s"], e["encoder"]["frames_per_s"])
     assert abs(e["new_over_limit"] - e["new"]["frames_per_s"] / limit) < 0.01
     assert abs(e["new_over_old"] - e["new"]["frames_per_s"] / e["old"]["frames_per_s"]) < 0.01
+
+
+def test_nvdec_rate_says_why_when_the_library_is_missing(example_mp4):
+    """Without PyNvVideoCodec (the CPU suite) the NVDEC measurement reports the import error instead of a rate."""
+    import importlib.util
+
+    import pytest
+
+    if importlib.util.find_spec("PyNvVideoCodec") is not None:
+        pytest.skip("PyNvVideoCodec is installed: its rate needs a GPU")
+    result = bench.bench_nvdec([example_mp4], 1.0)
+    assert set(result) == {"error"} and "PyNvVideoCodec" in result["error"]
