@@ -14,7 +14,8 @@ STAR memory update.
      the batcher keeps one stack per group, and a session's memory joins it at its first batched frame;
   4. one read of every memory's tokens and one device-to-host copy of their timestamps, then each session
      publishes its snapshot.
-On CUDA the whole tick runs on a high-priority stream of the lane's own, synchronised once at its end: the
+On CUDA (sessions without a fast path of their own: the server's) the whole tick runs on a high-priority
+stream of the lane's own, synchronised once at its end: the
 answer lane's kernels (default stream) neither delay the tick's nor sit in front of its host syncs (the
 snapshots' hand-over), and a snapshot's tokens are marked as used on the default stream, where answers read them.
 A session's memory then holds exactly what it would hold fed alone (`StreamSession.add_frame`): a lone memory
@@ -84,12 +85,15 @@ class IngestBatcher:
 
     @contextlib.contextmanager
     def _on_lane_streams(self, sessions):
-        """The tick on the lane's own high-priority stream of every CUDA device its sessions' memories live on."""
+        """The tick on the lane's own high-priority stream of every CUDA device its sessions' memories live on, but
+        for a device with a session of a fast path of its own (the CLI's): its publish refreshes that decoder's
+        prefix, which the session's answers then read on the default stream without waiting for the lane."""
         devices = {session.placement.vision for session in sessions}
+        own_decoders = {session.placement.vision for session in sessions if session.fast}
         streams = []
         with contextlib.ExitStack() as stack:
             for device in devices:
-                if device.type != "cuda":
+                if device.type != "cuda" or device in own_decoders:
                     continue
                 if device not in self._lane_streams:
                     self._lane_streams[device] = torch.cuda.Stream(device, priority=-1)
