@@ -296,7 +296,7 @@ def bench_e2e_compare(video, spec, tower, fps, batch, old_workers, workdir, comp
     cores, the encoder alone, saving alone, the new path end to end (with all cores decoding, and with one
     core left to the feeding process), then the old path end to end on a subset of the same files with the
     same mix of resolutions, sized from a short first run to take about `old_seconds` (its frames/s is what
-    is compared); with `nvdec`, last, NVDEC's decode-only rate on a quarter of the files (`bench_nvdec`).
+    is compared); with `nvdec`, last, NVDEC's decode-only rate on an eighth of the files (`bench_nvdec`).
     `save(results)` after each part, so a run cut short keeps what it measured."""
     from flash_vstream.extract_features import FrameEncoder, _plan, extract_paths
     from flash_vstream.extraction.decode import DecoderPool, decode_only
@@ -447,9 +447,9 @@ def bench_e2e_compare(video, spec, tower, fps, batch, old_workers, workdir, comp
         f"the new path is {out['new_over_old']}x")
     save(out)
     if nvdec:  # last: a decoder library that crashes the process loses nothing measured before
-        sources = [os.path.join(src, name) for name in proportional(paths, 0.25)]
+        sources = [os.path.join(src, name) for name in proportional(paths, 1 / 8)]
         out["nvdec"] = []
-        for n in (1, 4):
+        for n in (1, 4, 8):
             out["nvdec"].append(bench_nvdec(sources, fps, threads=n))
             log(f"NVDEC decode only, {n} decoders, {len(sources)} files: {out['nvdec'][-1]}")
             save(out)
@@ -480,7 +480,7 @@ def main(argv=None):
                         "about this long")
     p.add_argument("--only-e2e", action="store_true", help="skip (a)-(c)")
     p.add_argument("--e2e-nvdec", action="store_true",
-                   help="(d), last: NVDEC decode-only rate with PyNvVideoCodec (CUDA; needs it installed)")
+                   help="(d), last: NVDEC decode-only rate with PyNvVideoCodec (CUDA; needs it installed), 1/4/8 decoders")
     p.add_argument("--no-compile", action="store_true", help="(d): the new path's encoder eager")
     args = p.parse_args(argv)
 
