@@ -64,6 +64,7 @@ POLL_S = 0.1  # every wait wakes at least this often to look at the stop flag
 LAG_SAMPLES = 1024  # a session's ingest-lag percentiles are over (a reservoir of) this many frames
 JOIN_TIMEOUT_S = 10.0
 DEFAULT_SESSION = "main"  # the id of the session given to the constructor (the CLI's one session)
+GATHER_MIN_FRAMES = 16  # a tick of this many frames or more: the next one may gather (`gather_s`)
 WORK_ROOM = 256  # a work queue's room beyond the scripted questions: lines a person types
 STATES = ("running", "ended", "failed")
 ON_ERROR = ("stop", "session")
@@ -284,14 +285,18 @@ class Engine:
     captures its decode step as CUDA graphs. `lone_fast_path` (None: on CUDA): a question alone, of a session
     without a fast path of its own (the server's), runs on one `FastPath` decoder of the engine's, whose
     memory prefix the idle lane keeps for the newest snapshot while one session runs (as the CLI's session
-    does after every frame); `warm_up_answers` builds it. `batch_ingest` (default) ingests each tick's frames of all
+    does after every frame); `warm_up_answers` builds it. `gather_s`: after a tick of at least GATHER_MIN_FRAMES
+    frames the lane lets the next one gather for up to this long (from the tick's start), so that a tick's fixed
+    host cost (launching the CLIP tower's layers and the memory update, whatever the batch) is spread over more
+    frames and leaves the GIL to the answer lane; a tick of fewer frames (a few streams) is followed at once.
+    `batch_ingest` (default) ingests each tick's frames of all
     sessions together (one CLIP batch, one memory update); False: one session after another.
     """
 
     def __init__(self, session=None, source=None, *, schedule=None, play_speed=1.0, inbox_size=8, drop_oldest=None,
                  on_error="stop", answer_lane=False, keep_running=False, max_pending_questions=None, log=None,
                  log_every=100, metrics=None, max_batch=16, batch_prefill_tokens=8192, batch_graphs=None,
-                 lone_fast_path=None, batch_ingest=True):
+                 lone_fast_path=None, batch_ingest=True, gather_s=0.0):
         if on_error not in ON_ERROR:
             raise ValueError(f"on_error must be one of {ON_ERROR}, got {on_error!r}")
         if isinstance(max_batch, bool) or not isinstance(max_batch, int) or max_batch < 1:
@@ -304,6 +309,9 @@ class Engine:
         self._lone = None  # its GreedyDecoder, built with the batch
         self._batch = None  # the answer lane's BatchDecoder, built at its first batched question
         self.batch_ingest = bool(batch_ingest)
+        if not gather_s >= 0:
+            raise ValueError(f"gather_s must be >= 0 seconds, got {gather_s!r}")
+        self.gather_s = float(gather_s)  # a busy lane's least time from one tick's start to the next
         self._batcher = IngestBatcher()  # the sessions' shared memory stacks (batch_ingest)
         self.play_speed = play_speed  # defaults for add_session (checked there)
         self.inbox_size = inbox_size
@@ -608,7 +616,9 @@ class Engine:
     # --- ingest lane ----------------------------------------------------------------------------
     def _ingest_loop(self):
         while not self.stopped and (self.keep_running or not all(s.ended.is_set() for s in self.streams())):
-            self.step()
+            began = time.perf_counter()
+            if self.step() >= GATHER_MIN_FRAMES and self.gather_s > 0:
+                self.stop_event.wait(max(0.0, began + self.gather_s - time.perf_counter()))
 
     def step(self, timeout=POLL_S):
         """One tick of the ingest lane: at most one queued item from every running session, round robin

@@ -261,3 +261,31 @@ def test_each_tick_takes_one_frame_from_every_session(loaded):
         engine.stream()
     with pytest.raises(ValueError, match="exists already"):
         engine.add_session("busy", _session(loaded), _noise(0))
+
+
+def test_a_busy_ingest_lane_lets_its_next_tick_gather_and_a_quiet_one_does_not():
+    from flash_vstream.serve.engine import GATHER_MIN_FRAMES
+
+    class Timed(_StubSession):
+        def add_frame(self, frame, t):
+            times.append((t, time.perf_counter()))
+            return super().add_frame(frame, t)
+
+    for sessions, paused in ((GATHER_MIN_FRAMES, True), (2, False)):
+        times = []
+        engine = Engine(on_error="session", keep_running=True, gather_s=0.4, log_every=0)
+        streams = [engine.add_session(f"s{i}", Timed(), None, fps=1.0, inbox_size=4) for i in range(sessions)]
+        for stream in streams:  # two frames each: two ticks
+            for t in (0.0, 1.0):
+                stream.frames.put((np.zeros((4, 4, 3), np.uint8), t))
+        engine.start()
+        deadline = time.monotonic() + 10
+        while len(times) < 2 * sessions and time.monotonic() < deadline:
+            time.sleep(0.01)
+        engine.stop()
+        engine.join()
+        first_tick = min(w for t, w in times if t == 0.0)
+        second_tick = min(w for t, w in times if t == 1.0)
+        assert (second_tick - first_tick >= 0.35) == paused, (sessions, second_tick - first_tick)
+    with pytest.raises(ValueError, match="gather_s"):
+        Engine(gather_s=-1)

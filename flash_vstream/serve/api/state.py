@@ -50,6 +50,8 @@ class Settings:
     ingest_lag_target_s: float = INGEST_LAG_TARGET_S  # new answers wait while a frame has waited longer
     max_answer_defer_s: float = MAX_ANSWER_DEFER_S  # ... but at most this long
     max_batch: int = 16  # answers the answer lane runs at once (continuous batching), the KV cache's slots
+    # a busy ingest lane (a tick of many streams' frames) lets its next tick gather this long: fewer, larger ticks
+    ingest_gather_s: float = 0.1
 
     def __post_init__(self):
         if self.model_id is None:
@@ -212,7 +214,7 @@ class ServerState:
                                    question_bytes=lambda memory_tokens: question_bytes(config, dtype_bytes,
                                                                                         memory_tokens),
                                    ingest_lag_target_s=s.ingest_lag_target_s,
-                                   max_answer_defer_s=s.max_answer_defer_s)
+                                   max_answer_defer_s=s.max_answer_defer_s, gather_s=s.ingest_gather_s)
         # the answer lane's lone fast path and batch, built and captured before any frame or question (engine.py)
         self.engine.warm_up_answers(warm)
         self.engine.start()
