@@ -43,6 +43,7 @@ from .decoder import CACHE_ALIGN, round_up
 from .options import FastPathError
 
 FINISH_REASONS = ("eos", "length", "stop", "cancelled", "error")
+PREFILL_ALIGN = 64  # a lone joiner's prefill graph covers its prompt padded up to a multiple of this
 
 
 @dataclasses.dataclass(eq=False)
@@ -134,6 +135,8 @@ class BatchDecoder:
         self._length = {}  # slot -> positions filled (host-side: no sync to size a step)
         self._waiting = []  # BatchRequest, in arrival order
         self._graphs = {}  # (rows, kv_len) -> (graph, logits (rows, vocab))
+        # width -> (graph, hidden (1, width, hidden), slot (1,), last (1,), logits (1, vocab)): a lone joiner's prefill
+        self._prefill_graphs = {}
         self._pool = None  # one memory pool for every decode graph (they never run at once)
         self._stream = None  # the side stream the captures warm up on
         self.errors = {}  # decode-graph capture failures by shape
@@ -175,6 +178,9 @@ class BatchDecoder:
                 if (r, kv_len) not in self._graphs and (r, kv_len) not in self.errors:
                     self._graph_logits(r, kv_len)
                     n += (r, kv_len) in self._graphs
+        for width in range(PREFILL_ALIGN, self._scratch + 1, PREFILL_ALIGN):
+            if width not in self._prefill_graphs and ("prefill", width) not in self.errors:
+                n += self._prefill_graph(width) is not None
         sync(self.device)
         return n
 
@@ -317,7 +323,18 @@ class BatchDecoder:
     # --- the forwards --------------------------------------------------------------------------------
     def _prefill(self, joiners):
         """The joiners' prompts, padded to the longest, causal, at positions 0.. of their slots -> each
-        one's first token (J,). Pads write K/V past a prompt's end: masked, and rewritten by its decode."""
+        one's first token (J,). Pads write K/V past a prompt's end: masked, and rewritten by its decode.
+        A lone joiner with `cuda_graph` replays the prefill graph of its padded width: the eager prefill is ~30
+        launches a layer, the answer lane's largest host cost when questions come often."""
+        if self.cuda_graph and len(joiners) == 1:
+            width = min(round_up(joiners[0].prompt_len, PREFILL_ALIGN), self._scratch)
+            entry = self._prefill_graphs.get(width)
+            # a capture's warm-up runs write the scratch slot's cache: only while that slot runs nothing but this joiner
+            if (entry is None and ("prefill", width) not in self.errors
+                    and self._running.get(self._scratch_slot(), joiners[0]) is joiners[0]):
+                entry = self._prefill_graph(width)
+            if entry is not None:
+                return self._replay_prefill(joiners[0], entry)
         lengths = [r.prompt_len for r in joiners]
         width = max(lengths)
         hidden = torch.zeros(len(joiners), width, self.model.config.hidden_size, device=self.device,
@@ -335,6 +352,70 @@ class BatchDecoder:
         tokens = self._select(logits, joiners)  # (J,)
         self._ids[slots] = tokens  # the next decode step's inputs
         return tokens
+
+    def _padded_prefill(self, hidden, slot, last):
+        """Device-side only (what a prefill graph captures): one prompt (1, W, hidden), padded, at positions 0.. of
+        cache row `slot` (1,) -> the logits (1, vocab) at index `last` (1,), its last real token."""
+        width = hidden.shape[1]
+        hidden = self._layers(hidden, self._key_slots[:width].expand(1, width), slot, kv_len=None)  # (1, W, hidden)
+        return self._logits(hidden[0].index_select(0, last))  # (1, vocab)
+
+    def _replay_prefill(self, request, entry):
+        """`request`'s prompt into the static inputs of its width's prefill graph, replayed -> its first token (1,)."""
+        graph, hidden, slot, last, logits = entry
+        length = request.prompt_len
+        hidden.zero_()  # pads: zeros, as the eager prefill's
+        hidden[0, :length] = request.embeds.to(device=self.device, dtype=self.dtype)
+        slot.fill_(request.slot)
+        last.fill_(length - 1)
+        if graph is None:  # no capture (a CPU test of the padded path): the same body, eagerly
+            logits = self._padded_prefill(hidden, slot, last)
+        else:
+            graph.replay()
+        self._length[request.slot] = length
+        self._pos[slot] = last + 1  # the first token's position
+        tokens = self._select(logits, [request])  # (1,)
+        self._ids[slot] = tokens
+        return tokens
+
+    def _prefill_graph(self, width, capture=True):
+        """The static inputs and (capture) the graph of a lone prefill `width` wide, or None when the capture
+        failed (recorded; that width prefills eagerly from now on; strict: raises)."""
+        hidden = torch.zeros(1, width, self.model.config.hidden_size, device=self.device, dtype=self.dtype)
+        slot = torch.full((1,), self._scratch_slot(), dtype=torch.long, device=self.device)
+        last = torch.zeros(1, dtype=torch.long, device=self.device)
+        if not capture:
+            return None, hidden, slot, last, None
+        try:
+            if self._stream is None:
+                self._stream = torch.cuda.Stream(self.device)
+            current = torch.cuda.current_stream(self.device)
+            self._stream.wait_stream(current)
+            with torch.cuda.stream(self._stream):
+                for _ in range(2):
+                    self._padded_prefill(hidden, slot, last)
+            current.wait_stream(self._stream)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=self._pool, capture_error_mode="thread_local"):
+                logits = self._padded_prefill(hidden, slot, last)
+            self._pool = graph.pool()
+        except Exception as error:  # noqa: BLE001 -- raise (strict) or prefill this width eagerly from now on
+            self.errors[("prefill", width)] = f"{type(error).__name__}: {str(error)[:1000]}"
+            sync(self.device)
+            if self.strict:
+                raise FastPathError(f"batched prefill graph {width}", self.errors[("prefill", width)]) from error
+            if self.on_fallback is not None:
+                self.on_fallback("batched prefill graph", f"width {width} prefills eagerly; "
+                                 f"{self.errors[('prefill', width)][:300]}")
+            return None
+        entry = (graph, hidden, slot, last, logits)
+        self._prefill_graphs[width] = entry
+        return entry
+
+    def _scratch_slot(self):
+        """A slot whose cache the warm-up runs may write: the highest (handed out last; its writes before it
+        runs anything are overwritten by its own prefill)."""
+        return self.max_slots - 1
 
     def _decode(self, slots):
         """One decode step for the running `slots` -> their next tokens (len(slots),)."""

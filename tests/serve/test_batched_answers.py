@@ -192,3 +192,31 @@ def test_the_lone_fast_path_hands_over_to_the_batch(loaded, engine):
     session.add_features(torch.randn(1, 256, loaded[1].config.mm_hidden_size))
     threading.Event().wait(0.5)  # five of the lane's idle wake-ups
     assert not engine._lone.prefix_matches(session.prefix_ids(), session.snapshot().tokens)
+
+
+def test_a_lone_joiners_padded_prefill_is_the_eager_prefill(loaded):
+    """What a lone joiner's prefill graph captures (on CUDA), run eagerly here: its prompt padded up to a multiple
+    of PREFILL_ALIGN gives the eager prefill's first token, cache and position (fp32, CPU)."""
+    from flash_vstream.runtime.batch_decoder import PREFILL_ALIGN, BatchDecoder
+    from flash_vstream.runtime.decoder import round_up
+
+    session = _session(loaded, 3, seed=0)
+    run = session.begin("describe the video.")
+    out = []
+    for padded in (False, True):
+        decoder = BatchDecoder(loaded[1], max_slots=2, max_len=session.answer_len())
+        request = decoder.add(session.batch_request(run, decoder))
+        assert decoder._admit() == [request]
+        if padded:
+            width = round_up(request.prompt_len, PREFILL_ALIGN)
+            assert width > request.prompt_len  # real padding
+            token = decoder._replay_prefill(request, decoder._prefill_graph(width, capture=False))
+        else:
+            token = decoder._prefill([request])
+        length = request.prompt_len
+        out.append((token, [k[request.slot, :, :length] for k in decoder.keys + decoder.values],
+                    int(decoder._pos[request.slot]), decoder._length[request.slot], int(decoder._ids[request.slot])))
+    (eager_token, eager_kv, *eager_rest), (padded_token, padded_kv, *padded_rest) = out
+    assert torch.equal(eager_token, padded_token) and eager_rest == padded_rest
+    for a, b in zip(eager_kv, padded_kv):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
