@@ -22,7 +22,9 @@ running row rounded up to CACHE_ALIGN: a few distinct shapes. A slot in that ran
 writes its K/V at the reserved last position of its own slot (never a real position) and its logits
 are ignored. With `cuda_graph` each (rows, kv_len) shape's decode step is captured once as a CUDA
 graph (on a side stream, thread-local capture mode: the ingest lane may use the GPU meanwhile) and
-replayed; a capture that fails falls back to the eager step (strict: raises `FastPathError`).
+replayed; a capture that fails falls back to the eager step (strict: raises `FastPathError`). A joiner that
+prefills alone (the common case when questions come one by one) replays the prefill graph of its prompt padded up
+to a multiple of PREFILL_ALIGN (captured at `warm_up`, same fallback): its pads are masked as a batch's are.
 
 Greedy rows (temperature 0) take the argmax; a row with temperature > 0 samples from its own
 softmax(logits / temperature) (nucleus-truncated to `top_p`), from the decoder's seeded generator.
