@@ -13,7 +13,7 @@ so they share no GIL with the server), each an asyncio loop of many clients; cli
 session over HTTP, connects its WebSocket and sends the JPEG frames of assets/example.mp4 (decoded once at
 1 fps, 320 px wide, looped, as the web page sends them) at 1 fps with its stream time, its frames phased
 i/N of a second apart; after a warm-up it asks one question every `--question-interval` seconds (30),
-staggered i/N of the interval apart, `--answer-tokens` (64) each.
+staggered i/N of the interval apart and half a second after its own frame, `--answer-tokens` (64) each.
 
 Per level N (1, 16, 64, 256, 512, 1024): ingest lag p50/p99 (a frame received by the server -> in its
 session's memory; the server's per-session samples of the measured window, pooled), question -> first
@@ -57,6 +57,9 @@ TARGET_LAG_S = 1.0
 TARGET_TTFT_S = 0.150
 QUESTION = "What is happening in the video right now, and what happened before it?"
 LEVELS = (1, 16, 64, 256, 512, 1024)
+# a client's questions fall half-way between two of its frames, as a question at a random time nearly always does
+# (a frame's encode + update is ~2 % of the second); on the frame itself, every N = 1 question would meet its frame
+QUESTION_OFFSET_S = 0.5
 BASELINE_LEVELS = (16, 64, 256)
 VOCAB_7B = 32000
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -338,7 +341,7 @@ async def _client(spec, session_id, index, stop):
     frames, n = spec["frames"], spec["n"]
     t0 = spec["t0"]  # wall clock (time.time) of frame 0 of client 0
     phase = index / n  # this client's frames and questions are phased i/N apart
-    asks = [spec["ask_from"] + (phase + j) * spec["interval"] for j in range(spec["questions_each"])]
+    asks = [spec["ask_from"] + QUESTION_OFFSET_S + (phase + j) * spec["interval"] for j in range(spec["questions_each"])]
     asks = [a for a in asks if a < spec["ask_until"]]
     end = spec["end"]
     questions, errors, pending = {}, [], set()
@@ -481,7 +484,7 @@ def run_level(bench, n, interval, warmup, questions_each, pool_ctx):
     workers = max(1, min(args.client_procs, n // 16 or 1))
     t0 = time.time() + 2.0 + n / 400  # room for the client processes to start and every client to connect
     ask_from = warmup
-    ask_until = warmup + interval * questions_each
+    ask_until = warmup + interval * questions_each + QUESTION_OFFSET_S
     end = t0 + ask_until
     stop = pool_ctx.Event()
     results = pool_ctx.Queue()
