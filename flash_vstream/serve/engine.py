@@ -1043,6 +1043,11 @@ class Engine:
             def hand_over():  # alone on a fast path: stop there when another question waits (it goes on batched)
                 return stop() or movable and self._questions_waiting(skip=(stream,))
             lone = self._lone_decoder(session)
+            if (lone is not None and decoder.cuda_graph and movable
+                    and not lone.prefix_matches(run.ids, run.snapshot.tokens)):
+                # its prefix holds another snapshot (several sessions run): refreshing it on this question's path is
+                # a ~700-token eager prefill that the batch runs as one graph (a lone joiner's) instead
+                lone = None
             if alone and (session.run_fast(run, hand_over) or lone is not None
                           and session.run_fast(run, hand_over, decoder=lone)):
                 if run.done or stop() or not movable:
