@@ -123,6 +123,8 @@ def kernel_section(device, use_torchao):
         row = {"product": name, "n": n, "k": k}
         bf16_bytes = n * k * 2
         row["bf16_gemv_us"] = graph_us(lambda: tk.gemv(x, w))
+        if name == "gate_up":
+            row["bf16_gemv_paired_us"] = graph_us(lambda: tk.gemv(x, w, paired=True))
         row["bf16_cublas_us"] = graph_us(lambda: F.linear(x[None], w))
         for scheme, bits in (("int8", 8), ("int4", 4)):
             q = quantize_weight(w, bits)
@@ -134,19 +136,36 @@ def kernel_section(device, use_torchao):
                 lambda: tk.gemv(x, q.qweight, scales=q.scales, zeros=q.zeros, group_size=q.group_size))
             row[f"{scheme}_gemv_gb_per_s"] = round(byte_count / row[f"{scheme}_gemv_us"] / 1e3, 1)
             # other tilings: int8 (BLOCK_N, BLOCK_K, warps), int4 (BLOCK_N, groups unrolled, warps)
-            sweep = {8: ((8, 1024, 4), (8, 2048, 4), (32, 512, 4)), 4: ((32, 8, 4), (64, 4, 8), (8, 8, 1), (16, 2, 2))}
-            for config in sweep[bits] if name in ("qkv", "down_proj") else ():
-                if (k // 128) % config[1] if bits == 4 else k % config[1]:
-                    continue  # a tiling that does not divide this product
-                key = f"{scheme}_gemv_us_{'x'.join(map(str, config))}"
+            # other tilings: int8 (BLOCK_N, BLOCK_K, warps, stages), int4 (BLOCK_N, groups a step, warps, stages)
+            sweep = {8: ((4, 1024, 4, 1), (8, 1024, 4, 1), (16, 512, 8, 1), (4, 256, 8, 1), (2, 1024, 4, 2),
+                         (4, 1024, 4, 2), (4, 1024, 4, 3), (8, 1024, 4, 2), (8, 512, 4, 2), (16, 512, 8, 2),
+                         (4, 256, 8, 2), (8, 256, 8, 2), (4, 512, 4, 2), (2, 256, 4, 1), (16, 256, 8, 1),
+                         (8, 256, 4, 2), (4, 2048, 8, 1)),
+                     4: ((16, 8, 4, 1), (16, 8, 4, 2), (8, 8, 2, 1), (8, 8, 2, 2), (16, 4, 2, 1), (16, 4, 4, 1),
+                         (8, 8, 4, 1), (16, 8, 8, 1), (32, 8, 8, 1), (8, 4, 1, 1), (8, 4, 1, 2), (16, 2, 2, 1),
+                         (32, 4, 4, 1), (4, 8, 1, 1), (8, 16, 4, 1))}
+            # gate/up also paired: the n / 2 outputs silu(gate) * up, what the decode step runs
+            for paired, config in [(False, c) for c in sweep[bits]] + [(True, c) for c in (None, *sweep[bits])
+                                                                      if name == "gate_up"]:
+                key = f"{scheme}_gemv{'_paired' if paired else ''}_us" + (f"_{'x'.join(map(str, config))}"
+                                                                         if config else "")
                 try:
                     row[key] = graph_us(lambda: tk.gemv(x, q.qweight, scales=q.scales, zeros=q.zeros,
-                                                        group_size=q.group_size, config=config))
+                                                        group_size=q.group_size, config=config, paired=paired))
                 except Exception as error:  # noqa: BLE001 -- a tiling that does not compile: recorded
                     row[key] = f"{type(error).__name__}: {str(error)[:200]}"
             x32 = torch.randn(32, k, device=device, dtype=torch.bfloat16)
             row[f"{scheme}_qmatmul32_us"] = graph_us(
                 lambda: tk.qmatmul(x32, q.qweight, q.scales, q.zeros, q.group_size), calls=10)
+            # (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages) of the 32-token product
+            for config in ((32, 32, 128, 4, 3), (32, 128, 128, 4, 3), (32, 128, 128, 8, 3), (16, 64, 128, 4, 4),
+                           (32, 64, 128, 4, 1), (16, 128, 128, 4, 2), (32, 64, 256, 4, 3), (32, 256, 64, 8, 3)):
+                key = f"{scheme}_qmatmul32_us_{'x'.join(map(str, config))}"
+                try:
+                    row[key] = graph_us(lambda: tk.qmatmul(x32, q.qweight, q.scales, q.zeros, q.group_size,
+                                                           config=config), calls=10)
+                except Exception as error:  # noqa: BLE001 -- a tiling that does not compile: recorded
+                    row[key] = f"{type(error).__name__}: {str(error)[:200]}"
             row[f"{scheme}_qmatmul32_rel_err"] = round(rel_err(tk.qmatmul(x32, q.qweight, q.scales, q.zeros,
                                                                           q.group_size),
                                                                x32.float() @ q.dequantize(torch.float32).T), 6)

@@ -128,22 +128,23 @@ class FusedDecodeStep:
         odd = next((n for n in norms if not isinstance(n, LlamaRMSNorm)), None)
         return True if odd is None else f"a {type(odd).__name__} (LlamaRMSNorm only)"
 
-    def _product(self, x, weight, norm=None, gated=False, residual=None):
-        """weight @ f(x) (+ residual), f: `norm` (an RMSNorm module) or SiLU(gate) * up of x = [gate | up]."""
+    def _product(self, x, weight, norm=None, paired=False, residual=None):
+        """weight @ norm(x) (+ residual), `norm` an RMSNorm module or None; `paired`: the weight is the fused
+        [gate; up] and the result SiLU(gate) * up (the down projection's input)."""
         quantized = isinstance(weight, QuantizedWeight)
         if self.triton:
             eps = norm.variance_epsilon if norm is not None else 0.0
             if quantized:
-                return triton_kernels.gemv(x, weight.qweight, None if norm is None else norm.weight, eps, gated,
-                                           residual, scales=weight.scales, zeros=weight.zeros,
-                                           group_size=weight.group_size).view(1, 1, -1)
-            return triton_kernels.gemv(x, weight, None if norm is None else norm.weight, eps, gated,
-                                       residual).view(1, 1, -1)
-        if gated:
-            gate, up = x.chunk(2, dim=-1)
-            x = self.body.layers[0].mlp.act_fn(gate) * up
+                return triton_kernels.gemv(x, weight.qweight, None if norm is None else norm.weight, eps,
+                                           residual=residual, scales=weight.scales, zeros=weight.zeros,
+                                           group_size=weight.group_size, paired=paired).view(1, 1, -1)
+            return triton_kernels.gemv(x, weight, None if norm is None else norm.weight, eps, residual=residual,
+                                       paired=paired).view(1, 1, -1)
         x = x if norm is None else norm(x)
         y = F.linear(x, weight.dequantize(x.dtype) if quantized else weight)
+        if paired:
+            gate, up = y.chunk(2, dim=-1)
+            y = self.body.layers[0].mlp.act_fn(gate) * up
         return y if residual is None else residual + y
 
     def __call__(self, ids, position, mask, cache):
@@ -162,6 +163,6 @@ class FusedDecodeStep:
                                                   enable_gqa=self.gqa)  # (1, heads, 1, hd)
             attn = attn.transpose(1, 2).reshape(1, 1, -1)
             hidden = self._product(attn, weight_of(layer.self_attn.o_proj), residual=hidden)
-            gate_up = self._product(hidden, gate_up_w, norm=layer.post_attention_layernorm)
-            hidden = self._product(gate_up, weight_of(layer.mlp.down_proj), gated=True, residual=hidden)
+            gated = self._product(hidden, gate_up_w, norm=layer.post_attention_layernorm, paired=True)
+            hidden = self._product(gated, weight_of(layer.mlp.down_proj), residual=hidden)
         return self._product(hidden, weight_of(self.model.lm_head), norm=body.norm).view(1, -1)  # (1, vocab)

@@ -40,16 +40,48 @@ def _require(name):
 if triton is not None:
 
     @triton.jit
+    def _int8_values(w):
+        """int8 -> float32 by integer arithmetic, not I2F (a conversion the multiprocessor runs at an eighth of
+        its add rate, which would bound the int8 products below the memory's bandwidth): the bits 0x4B000000
+        + (q + 128) are the float 2^23 + 128 + q, exactly; subtracting 2^23 + 128 leaves q."""
+        return (w.to(tl.int32) + 0x4B000080).to(tl.float32, bitcast=True) - 8388736.0
+
+    @triton.jit
+    def _nibble_values(packed):
+        """A packed int4 tile (uint8) -> (its low nibbles, its high nibbles) as float32, by the same integer
+        trick as `_int8_values`: (p & 0xF) | 0x4B000000 is the float 2^23 + low, (p & 0xF0) | 0x4B000000 is
+        2^23 + 16 high, both exact."""
+        p = packed.to(tl.int32)
+        low = ((p & 0xF) | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
+        high = ((p & 0xF0) | 0x4B000000).to(tl.float32, bitcast=True) * 0.0625 - 524288.0
+        return low, high
+
+    @triton.jit
+    def _tile_values(tile, ok, EVEN: tl.constexpr, SCALED: tl.constexpr):
+        """A weight tile (bf16/fp32, or int8 with SCALED) as float32, read once (evict first)."""
+        if EVEN:
+            w = tl.load(tile, eviction_policy="evict_first")
+        else:
+            w = tl.load(tile, mask=ok, other=0, eviction_policy="evict_first")
+        if SCALED:
+            return _int8_values(w)
+        return w.to(tl.float32)
+
+    @triton.jit
     def _gemv_kernel(x_ptr, w_ptr, out_ptr, norm_ptr, residual_ptr, scale_ptr, n, eps, k: tl.constexpr,
                      NORM: tl.constexpr, GATED: tl.constexpr, RESIDUAL: tl.constexpr, SCALED: tl.constexpr,
-                     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN: tl.constexpr):
+                     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN: tl.constexpr, STAGES: tl.constexpr,
+                     PAIRED: tl.constexpr):
         # SCALED: w holds int8 values, row r of the real weight being scale[r] * w[r] (one scale per output
-        # channel factors out of the row's sum)
+        # channel factors out of the row's sum). STAGES > 1: the loop's loads are software-pipelined (the
+        # next tiles in flight while this one is summed). PAIRED: w has 2n rows [gate; up] and the n outputs
+        # are silu(gate) * up (the next product then reads its input as it is)
         rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         row_ok = rows < n
         acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+        paired = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
         squares = tl.zeros((BLOCK_K,), dtype=tl.float32)
-        for start in range(0, k, BLOCK_K):
+        for start in tl.range(0, k, BLOCK_K, num_stages=STAGES):
             cols = start + tl.arange(0, BLOCK_K)
             col_ok = cols < k
             if EVEN:
@@ -69,16 +101,21 @@ if triton is not None:
                 else:
                     x = x * tl.load(norm_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
             tile = w_ptr + rows[:, None] * k + cols[None, :]
-            if EVEN:
-                w = tl.load(tile, eviction_policy="evict_first")
-            else:
-                w = tl.load(tile, mask=row_ok[:, None] & col_ok[None, :], other=0.0, eviction_policy="evict_first")
-            acc += w.to(tl.float32) * x[None, :]
+            acc += _tile_values(tile, row_ok[:, None] & col_ok[None, :], EVEN, SCALED) * x[None, :]
+            if PAIRED:
+                paired += _tile_values(tile + n * k, row_ok[:, None] & col_ok[None, :], EVEN, SCALED) * x[None, :]
         y = tl.sum(acc, axis=1)
+        up = tl.sum(paired, axis=1)
         if SCALED:
             y = y * tl.load(scale_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)
+            if PAIRED:
+                up = up * tl.load(scale_ptr + n + rows, mask=row_ok, other=0.0).to(tl.float32)
         if NORM:
-            y = y * tl.rsqrt(tl.sum(squares, axis=0) / k + eps)
+            inverse_rms = tl.rsqrt(tl.sum(squares, axis=0) / k + eps)
+            y = y * inverse_rms
+            up = up * inverse_rms
+        if PAIRED:
+            y = y * tl.sigmoid(y) * up
         if RESIDUAL:
             y += tl.load(residual_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)
         tl.store(out_ptr + rows, y.to(out_ptr.dtype.element_ty), mask=row_ok)
@@ -161,45 +198,71 @@ if triton is not None:
         return x, squares
 
     @triton.jit
+    def _int4_tile_sums(tile, scales, zeros, ok, low_x, high_x, x_sums, EVEN: tl.constexpr):
+        """One (BLOCK_N, GROUPS, HALF) packed tile against its inputs -> (scale * q * x element-wise, zero * X_g
+        per row and group); `ok` (BLOCK_N, GROUPS) masks it when not EVEN."""
+        if EVEN:
+            packed = tl.load(tile, eviction_policy="evict_first")
+            scale = tl.load(scales).to(tl.float32)
+            zero = tl.load(zeros).to(tl.float32)
+        else:
+            packed = tl.load(tile, mask=ok[:, :, None], other=0, eviction_policy="evict_first")
+            scale = tl.load(scales, mask=ok, other=0.0).to(tl.float32)
+            zero = tl.load(zeros, mask=ok, other=0.0).to(tl.float32)
+        low, high = _nibble_values(packed)
+        return scale[:, :, None] * (low * low_x[None, :, :] + high * high_x[None, :, :]), zero * x_sums[None, :]
+
+    @triton.jit
     def _gemv_int4_kernel(x_ptr, w_ptr, scale_ptr, zero_ptr, out_ptr, norm_ptr, residual_ptr, n, eps,
                           k: tl.constexpr, GROUP: tl.constexpr, NORM: tl.constexpr, GATED: tl.constexpr,
-                          RESIDUAL: tl.constexpr, BLOCK_N: tl.constexpr, GROUPS: tl.constexpr, EVEN: tl.constexpr):
+                          RESIDUAL: tl.constexpr, BLOCK_N: tl.constexpr, GROUPS: tl.constexpr, EVEN: tl.constexpr,
+                          STAGES: tl.constexpr, PAIRED: tl.constexpr):
         # w: (n, k / 2) bytes. Group g of a row (GROUP columns) is HALF = GROUP / 2 bytes: byte c holds
         # column g * GROUP + c in its low nibble and g * GROUP + HALF + c in its high one, so that both halves
-        # read contiguous inputs. The real weight is q * scale[r, g] + zero[r, g]. A program takes BLOCK_N
-        # rows and GROUPS groups per iteration (unrolled: independent loads in flight)
+        # read contiguous inputs. The real weight is q * scale[r, g] + zero[r, g], so a row's sum is
+        # sum_g scale[r, g] * sum_{c in g} q_c x_c + zero[r, g] * X_g, X_g the group's input sum (one number
+        # for all rows): per weight, one product and a scaled add, the zeros once per group.
+        # A program takes BLOCK_N rows and GROUPS groups per iteration as one (BLOCK_N, GROUPS, HALF) tile:
+        # the threads spread over (groups, bytes), so each holds several rows and the input's work (norm,
+        # gating) is shared by them. STAGES > 1: the loads are software-pipelined. PAIRED: as in _gemv_kernel
+        # (2n rows [gate; up], n outputs silu(gate) * up)
         rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         row_ok = rows < n
         HALF: tl.constexpr = GROUP // 2
         groups: tl.constexpr = k // GROUP
-        acc = tl.zeros((BLOCK_N, HALF), dtype=tl.float32)
-        squares = tl.zeros((HALF,), dtype=tl.float32)
-        for first in range(0, groups, GROUPS):
-            for j in tl.static_range(GROUPS):
-                g = first + j
-                half = tl.arange(0, HALF)
-                low_x, sq = _input_half(x_ptr, norm_ptr, g * GROUP + half, k, NORM, GATED)
-                squares += sq
-                high_x, sq = _input_half(x_ptr, norm_ptr, g * GROUP + HALF + half, k, NORM, GATED)
-                squares += sq
-                tile = w_ptr + rows[:, None] * (k // 2) + (g * HALF + half)[None, :]
-                if EVEN:
-                    packed = tl.load(tile, eviction_policy="evict_first")
-                    scale = tl.load(scale_ptr + rows * groups + g).to(tl.float32)
-                    zero = tl.load(zero_ptr + rows * groups + g).to(tl.float32)
-                else:
-                    ok = row_ok & (tl.zeros((BLOCK_N,), dtype=tl.int32) + g < groups)  # a tensor mask
-                    packed = tl.load(tile, mask=ok[:, None], other=0, eviction_policy="evict_first")
-                    scale = tl.load(scale_ptr + rows * groups + g, mask=ok, other=0.0).to(tl.float32)
-                    zero = tl.load(zero_ptr + rows * groups + g, mask=ok, other=0.0).to(tl.float32)
-                low = (packed & 15).to(tl.float32)
-                high = (packed >> 4).to(tl.float32)
-                # sum over the group of (q s + z) x = s * sum(q x) + z * sum(x), element-wise until the end
-                acc += scale[:, None] * (low * low_x[None, :] + high * high_x[None, :]) + \
-                    zero[:, None] * (low_x + high_x)[None, :]
-        y = tl.sum(acc, axis=1)
+        half = tl.arange(0, HALF)
+        acc = tl.zeros((BLOCK_N, GROUPS, HALF), dtype=tl.float32)
+        offsets = tl.zeros((BLOCK_N, GROUPS), dtype=tl.float32)
+        acc_up = tl.zeros((BLOCK_N, GROUPS, HALF), dtype=tl.float32)
+        offsets_up = tl.zeros((BLOCK_N, GROUPS), dtype=tl.float32)
+        squares = tl.zeros((GROUPS, HALF), dtype=tl.float32)
+        for first in tl.range(0, groups, GROUPS, num_stages=STAGES):
+            g = first + tl.arange(0, GROUPS)
+            cols = g[:, None] * GROUP + half[None, :]  # (GROUPS, HALF): the low nibbles' columns
+            low_x, sq = _input_half(x_ptr, norm_ptr, cols, k, NORM, GATED)
+            squares += sq
+            high_x, sq = _input_half(x_ptr, norm_ptr, cols + HALF, k, NORM, GATED)
+            squares += sq
+            tile = w_ptr + rows[:, None, None] * (k // 2) + (g[:, None] * HALF + half[None, :])[None, :, :]
+            at = rows[:, None] * groups + g[None, :]  # (BLOCK_N, GROUPS): scales and zeros
+            ok = row_ok[:, None] & (g < groups)[None, :]
+            x_sums = tl.sum(low_x, axis=1) + tl.sum(high_x, axis=1)
+            part, offset = _int4_tile_sums(tile, scale_ptr + at, zero_ptr + at, ok, low_x, high_x, x_sums, EVEN)
+            acc += part
+            offsets += offset
+            if PAIRED:
+                part, offset = _int4_tile_sums(tile + n * (k // 2), scale_ptr + n * groups + at,
+                                               zero_ptr + n * groups + at, ok, low_x, high_x, x_sums, EVEN)
+                acc_up += part
+                offsets_up += offset
+        y = tl.sum(tl.sum(acc, axis=2), axis=1) + tl.sum(offsets, axis=1)
+        up = tl.sum(tl.sum(acc_up, axis=2), axis=1) + tl.sum(offsets_up, axis=1)
         if NORM:
-            y = y * tl.rsqrt(tl.sum(squares, axis=0) / k + eps)
+            inverse_rms = tl.rsqrt(tl.sum(tl.sum(squares, axis=1), axis=0) / k + eps)
+            y = y * inverse_rms
+            up = up * inverse_rms
+        if PAIRED:
+            y = y * tl.sigmoid(y) * up
         if RESIDUAL:
             y += tl.load(residual_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)
         tl.store(out_ptr + rows, y.to(out_ptr.dtype.element_ty), mask=row_ok)
@@ -228,8 +291,9 @@ if triton is not None:
                                  other=0)
                 scale = tl.load(scale_ptr + outs * groups + g, mask=out_ok, other=0.0).to(tl.float32)[:, None]
                 zero = tl.load(zero_ptr + outs * groups + g, mask=out_ok, other=0.0).to(tl.float32)[:, None]
-                low = ((packed & 15).to(tl.float32) * scale + zero).to(first.dtype)  # (BLOCK_N, HALF)
-                high = ((packed >> 4).to(tl.float32) * scale + zero).to(first.dtype)
+                low, high = _nibble_values(packed)  # (BLOCK_N, HALF)
+                low = (low * scale + zero).to(first.dtype)
+                high = (high * scale + zero).to(first.dtype)
                 acc = tl.dot(first, tl.trans(low), acc, input_precision=PRECISION)
                 acc = tl.dot(second, tl.trans(high), acc, input_precision=PRECISION)
         else:
@@ -240,23 +304,29 @@ if triton is not None:
                             other=0.0)
                 w = tl.load(w_ptr + outs[:, None] * k + cols[None, :], mask=out_ok[:, None] & col_ok[None, :],
                             other=0)
-                acc = tl.dot(a, tl.trans(w.to(a.dtype)), acc, input_precision=PRECISION)
+                acc = tl.dot(a, tl.trans(_int8_values(w).to(a.dtype)), acc, input_precision=PRECISION)
             acc = acc * tl.load(scale_ptr + outs, mask=out_ok, other=0.0).to(tl.float32)[None, :]
         out = out_ptr + rows[:, None] * n + outs[None, :]
         tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & out_ok[None, :])
 
 def gemv_config(n, k, element_size=2):
-    """(BLOCK_N, BLOCK_K, num_warps) of the matrix-vector kernel for an (n, k) weight: the fastest of a
-    sweep on an H100 for each 7B shape in bf16 (docs/benchmarks.md). int8 weights (`element_size` 1) take
-    twice the rows, so that a tile holds as many bytes as in bf16."""
+    """(BLOCK_N, BLOCK_K, num_warps, stages) of the matrix-vector kernel for an (n, k) weight: the fastest of
+    a sweep for each 7B shape (bf16 on an H100, int8 on an H200; docs/benchmarks.md)."""
     if n * k <= 1 << 20:  # small matrices (tiny models, the CPU tests): 16 rows a program, few programs
-        return 16, 1024, 4
-    rows = 2 if element_size == 1 else 1
+        return 16, 1024, 4, 1
+    if element_size == 1:  # int8
+        if k > 8192:  # down_proj (4096 x 11008 = 43 x 256, no masks)
+            return 4, 256, 8, 1
+        if n <= 4096:  # o_proj
+            return 8, 1024, 4, 1
+        return (4, 1024, 4, 1) if n <= 16384 else (16, 512, 8, 1)
     if k > 8192:  # down_proj (4096 x 11008): short blocks along k (11008 = 43 x 256, no masks)
-        return 4 * rows, 256, 8
+        return 4, 256, 8, 1
     if n <= 4096:  # o_proj: two rows a program, to have enough programs in flight
-        return 2 * rows, 1024, 4
-    return 8 * rows, 1024, 4
+        return 2, 1024, 4, 1
+    return 8, 1024, 4, 1
+
+
 # (BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, num_warps, num_stages) of the fc1 kernel: the fastest of 10 on an
 # H100 for CLIP-L's fc1 at batch 256 (docs/benchmarks.md)
 LINEAR_CONFIG = (128, 256, 64, 8, 8, 3)
@@ -276,15 +346,14 @@ def multiprocessors(device):
 
 
 def gemv_int4_config(n, k, group_size=128):
-    """(BLOCK_N, GROUPS, num_warps) of the int4 matrix-vector kernel for an (n, k) weight: loads of 16
-    bytes a thread (BLOCK_N rows x group_size / 2 bytes over the warps), GROUPS groups unrolled per
-    iteration, chosen so that they divide the row's groups (down_proj's 86: two) and that the 4096-row
-    products still have 256 programs."""
-    groups = k // group_size
-    unroll = next(g for g in (4, 2, 1) if groups % g == 0)
+    """(BLOCK_N, GROUPS, num_warps, stages) of the int4 matrix-vector kernel for an (n, k) weight: a
+    (BLOCK_N, GROUPS, group_size / 2)-byte tile per iteration (GROUPS a power of two; a last partial
+    iteration is masked). The fastest of a sweep on an H200 for each 7B shape (docs/benchmarks.md)."""
     if n * k <= 1 << 20:  # small matrices (tiny models, the CPU tests)
-        return 16, unroll, 2
-    return (16, unroll, 2) if n <= 4096 else (32, unroll, 4)
+        return 16, 2, 2, 1
+    if n <= 4096 and k <= 4096:  # o_proj
+        return 16, 8, 4, 1
+    return (8, 4, 1, 2) if n > 30000 else (8, 8, 2, 2)
 
 
 def _check_quantized(name, weight, scales, zeros, group_size, n_k):
@@ -313,17 +382,20 @@ def _check_quantized(name, weight, scales, zeros, group_size, n_k):
 
 
 def gemv(x, weight, norm=None, eps=0.0, gated=False, residual=None, config=None, scales=None, zeros=None,
-         group_size=None):
+         group_size=None, paired=False):
     """`weight` (N, K) times one vector -> (N,) in `weight`'s dtype (in x's for a quantized weight).
 
     x: K values (any shape), or 2K values [gate | up] with `gated` (the input is silu(gate) * up).
+    paired: the weight's rows are [gate; up] (N even) and the result is silu(gate) * up, N / 2 values (a
+    gate/up product whose output is the next product's input as it is).
     norm: an RMSNorm weight (K,): the input is first RMS-normalised with `eps` and scaled by it.
     residual: N values added to the result.
     scales (and zeros): a quantized weight. int8 `weight` (N, K) with per-row `scales` (N,): the weight is
     scales[:, None] * weight. Packed int4 `weight` uint8 (N, K / 2) with `scales`, `zeros` (N, K / group_size):
     weight = q * scale + zero per group; a group's byte c holds its column c in the low nibble and column
     c + group_size / 2 in the high one.
-    config: (BLOCK_N, BLOCK_K, num_warps), for int4 (BLOCK_N, groups per iteration, num_warps).
+    config: (BLOCK_N, BLOCK_K, num_warps[, stages]), for int4 (BLOCK_N, groups per iteration (a power of two),
+    num_warps[, stages]); stages > 1 software-pipelines the loads.
     """
     _require("gemv")
     x = x.reshape(-1)
@@ -331,12 +403,14 @@ def gemv(x, weight, norm=None, eps=0.0, gated=False, residual=None, config=None,
         n, k = _check_quantized("gemv", weight, scales, zeros, group_size, x.numel() // (2 if gated else 1))
         if x.numel() != (2 * k if gated else k):
             raise ValueError(f"gemv: {x.numel()} input values for a ({n}, {k}) weight (gated={gated})")
-        block_n, groups, warps = config or gemv_int4_config(n, k, group_size)
-        out = torch.empty(n, device=weight.device, dtype=x.dtype)
-        _gemv_int4_kernel[(triton.cdiv(n, block_n),)](
+        block_n, groups, warps, stages = (*(config or gemv_int4_config(n, k, group_size)), 1)[:4]
+        outputs = _outputs("gemv", n, paired, residual)
+        out = torch.empty(outputs, device=weight.device, dtype=x.dtype)
+        _gemv_int4_kernel[(triton.cdiv(outputs, block_n),)](
             x, weight, scales, zeros, out, x if norm is None else norm, x if residual is None else residual.reshape(-1),
-            n, float(eps), k=k, GROUP=group_size, NORM=norm is not None, GATED=gated, RESIDUAL=residual is not None,
-            BLOCK_N=block_n, GROUPS=groups, EVEN=n % block_n == 0 and (k // group_size) % groups == 0,
+            outputs, float(eps), k=k, GROUP=group_size, NORM=norm is not None, GATED=gated,
+            RESIDUAL=residual is not None, BLOCK_N=block_n, GROUPS=groups,
+            EVEN=outputs % block_n == 0 and (k // group_size) % groups == 0, STAGES=stages, PAIRED=paired,
             num_warps=warps)
         return out
     n, k = weight.shape
@@ -348,22 +422,36 @@ def gemv(x, weight, norm=None, eps=0.0, gated=False, residual=None, config=None,
         raise ValueError("gemv: the weight must be contiguous (rows of K values)")
     if n * k >= 2 ** 31:
         raise ValueError(f"gemv: a ({n}, {k}) weight is too large for 32-bit offsets")
-    block_n, block_k, warps = config or gemv_config(n, k, weight.element_size())
+    block_n, block_k, warps, stages = (*(config or gemv_config(n, k, weight.element_size())), 1)[:4]
     block_k = min(block_k, triton.next_power_of_2(k))
-    out = torch.empty(n, device=weight.device, dtype=weight.dtype if scales is None else x.dtype)
-    _gemv_kernel[(triton.cdiv(n, block_n),)](
+    outputs = _outputs("gemv", n, paired, residual)
+    out = torch.empty(outputs, device=weight.device, dtype=weight.dtype if scales is None else x.dtype)
+    _gemv_kernel[(triton.cdiv(outputs, block_n),)](
         x, weight, out, x if norm is None else norm, x if residual is None else residual.reshape(-1),
-        x if scales is None else scales, n, float(eps), k=k, NORM=norm is not None, GATED=gated,
+        x if scales is None else scales, outputs, float(eps), k=k, NORM=norm is not None, GATED=gated,
         RESIDUAL=residual is not None, SCALED=scales is not None, BLOCK_N=block_n,
-        BLOCK_K=block_k, EVEN=n % block_n == 0 and k % block_k == 0, num_warps=warps)
+        BLOCK_K=block_k, EVEN=outputs % block_n == 0 and k % block_k == 0, STAGES=stages, PAIRED=paired,
+        num_warps=warps)
     return out
 
 
-def qmatmul_config(m):
-    """(BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) of the quantized matrix product for m rows:
-    m = 32 is a question after the kept prefix, hundreds a prompt prefill."""
-    block_m = 16 if m <= 16 else 32 if m <= 32 else 64
-    return block_m, 32 if m <= 32 else 64, 128, 4, 3
+def _outputs(name, n, paired, residual):
+    """How many values a product of n weight rows writes (n / 2 when `paired`), checked with its residual."""
+    if paired and n % 2:
+        raise ValueError(f"{name}: a paired [gate; up] weight has an even number of rows, not {n}")
+    outputs = n // 2 if paired else n
+    if residual is not None and residual.numel() != outputs:
+        raise ValueError(f"{name}: a residual of {residual.numel()} values for {outputs} outputs")
+    return outputs
+
+
+def qmatmul_config(m, n=None):
+    """(BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) of the quantized matrix product for m rows of an
+    n-output weight: m = 32 is a question after the kept prefix (the fastest of a sweep on an H200), hundreds
+    a prompt prefill."""
+    if m <= 32:
+        return (16, 64, 128, 4, 4) if n is not None and n <= 4096 else (32, 64, 256, 4, 3)
+    return 64, 64, 128, 4, 3
 
 
 def qmatmul(x, weight, scales, zeros=None, group_size=None, config=None):
@@ -373,7 +461,7 @@ def qmatmul(x, weight, scales, zeros=None, group_size=None, config=None):
     n, k = _check_quantized("qmatmul", weight, scales, zeros, group_size, x.shape[-1])
     a = x.reshape(-1, k).contiguous()
     m = a.shape[0]
-    block_m, block_n, block_k, warps, stages = config or qmatmul_config(m)
+    block_m, block_n, block_k, warps, stages = config or qmatmul_config(m, n)
     if m * max(n, k) >= 2 ** 31:
         raise ValueError(f"qmatmul: ({m}, {k}) x ({n}, {k}) is too large for 32-bit offsets")
     out = torch.empty(m, n, device=x.device, dtype=x.dtype)

@@ -34,8 +34,9 @@ def _kw(q, config=None):
 
 # (bits, n, k, group size, config): blocks that do and do not divide the rows and the groups
 @pytest.mark.parametrize("bits,n,k,group,config", [
-    (8, 40, 96, None, (16, 32, 4)), (8, 48, 128, None, None),
-    (4, 40, 128, 64, (16, 1, 2)), (4, 48, 384, 128, (16, 2, 2)), (4, 48, 256, 128, None)])
+    (8, 40, 96, None, (16, 32, 4)), (8, 48, 128, None, None), (8, 48, 128, None, (8, 32, 2, 2)),
+    (4, 40, 128, 64, (16, 1, 2)), (4, 48, 384, 128, (16, 2, 2)), (4, 48, 256, 128, None),
+    (4, 40, 640, 64, (8, 4, 1, 2))])
 def test_quantized_gemv_with_its_folded_prologues(bits, n, k, group, config):
     torch.manual_seed(n + k + bits)
     w = torch.randn(n, k, device=DEVICE)
@@ -47,6 +48,11 @@ def test_quantized_gemv_with_its_folded_prologues(bits, n, k, group, config):
                                dense @ _rms(x, g, 1e-6) + r, **CLOSE)
     torch.testing.assert_close(tk.gemv(gate_up, q.qweight, gated=True, residual=r.view(1, 1, n), **_kw(q, config)),
                                dense @ (F.silu(gate_up[:k]) * gate_up[k:]) + r, **CLOSE)
+    # paired: the rows are [gate; up] and the n / 2 outputs silu(gate) * up, with the norm and a residual
+    both = dense @ _rms(x, g, 1e-6)
+    torch.testing.assert_close(tk.gemv(x, q.qweight, norm=g, eps=1e-6, residual=r[:n // 2], paired=True,
+                                       **_kw(q, config)),
+                               F.silu(both[:n // 2]) * both[n // 2:] + r[:n // 2], **CLOSE)
 
 
 @pytest.mark.parametrize("bits", [8, 4])

@@ -40,6 +40,11 @@ def test_gemv_with_its_folded_prologues_and_residual(n, k, config):
                                w @ _rms(x, g, 1e-6) + r, **close)
     torch.testing.assert_close(tk.gemv(gate_up, w, gated=True, residual=r.view(1, 1, n), config=config),
                                w @ (F.silu(gate_up[:k]) * gate_up[k:]) + r, **close)
+    both = w @ _rms(x, g, 1e-6)  # paired: rows [gate; up] -> silu(gate) * up, n / 2 values
+    torch.testing.assert_close(tk.gemv(x, w, norm=g, eps=1e-6, residual=r[:n // 2], paired=True, config=config),
+                               F.silu(both[:n // 2]) * both[n // 2:] + r[:n // 2], **close)
+    with pytest.raises(ValueError, match="residual"):
+        tk.gemv(x, w, residual=r, paired=True)  # n / 2 outputs
 
 
 def test_gemv_rejects_what_it_cannot_read():
@@ -55,8 +60,9 @@ def test_gemv_rejects_what_it_cannot_read():
 def test_gemv_configs_cover_the_7b_shapes():
     """Every 7B product gets blocks that divide it (no masked loads in the hot loop)."""
     for n, k in ((12288, 4096), (4096, 4096), (22016, 4096), (4096, 11008), (32000, 4096)):
-        block_n, block_k, _ = tk.gemv_config(n, k)
-        assert n % block_n == 0 and k % block_k == 0, (n, k)
+        for element_size in (2, 1):  # bf16, int8
+            block_n, block_k, _, _ = tk.gemv_config(n, k, element_size)
+            assert n % block_n == 0 and k % block_k == 0, (n, k, element_size)
 
 
 @pytest.mark.parametrize("m,n,k", [(300, 96, 128), (37, 64, 32)])
